@@ -1,0 +1,39 @@
+"""The cache table: UNLOGGED, keyed by (user_id, key), isolated per role by row-level security.
+
+Revision ID: 0001_cache_table
+Revises:
+Create Date: 2026-11-25
+"""
+from alembic import context, op
+from sqlalchemy import MetaData
+
+from fastpgcache.model import cache_table
+
+revision = "0001_cache_table"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    options = context.config.attributes["fastpgcache"]
+    bind = op.get_bind()
+    table = cache_table(options.table).to_metadata(MetaData(), schema=options.schema)
+    table.create(bind)
+    qualified = options.qualified_table(bind.dialect)
+    if options.logged:
+        op.execute(f"ALTER TABLE {qualified} SET LOGGED")
+    # Every role but the owner sees and writes only its own rows; PostgreSQL
+    # enforces it, so table privileges can go to PUBLIC safely.
+    op.execute(f"ALTER TABLE {qualified} ENABLE ROW LEVEL SECURITY")
+    op.execute(
+        f"CREATE POLICY {options.quote(bind.dialect, options.table + '_own_rows')} ON {qualified}"
+        " USING (user_id = current_user) WITH CHECK (user_id = current_user)"
+    )
+    for statement in options.grant_statements(bind.dialect):
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    options = context.config.attributes["fastpgcache"]
+    op.execute(f"DROP TABLE {options.qualified_table(op.get_bind().dialect)}")

@@ -1,0 +1,35 @@
+"""fastpgcache: a Redis-style cache in a PostgreSQL table, on SQLAlchemy.
+
+::
+
+    from fastpgcache import FastPgCache
+    cache = FastPgCache(url="postgresql://app@localhost/app")
+    cache.set("greeting", "hello", ttl=60)
+"""
+from .admin import setup_cache
+from .cache import MAX_KEY_BYTES, Cache
+from .client import FastPgCache
+from .errors import CacheConnectionError, CacheError, CacheNotSetUpError, CachePermissionError
+from .model import CacheEntry
+
+__all__ = [
+    "Cache",
+    "CacheConnectionError",
+    "CacheEntry",
+    "CacheError",
+    "CacheNotSetUpError",
+    "CachePermissionError",
+    "DatabricksTokenProvider",
+    "FastPgCache",
+    "MAX_KEY_BYTES",
+    "setup_cache",
+]
+
+
+def __getattr__(name):
+    # The Databricks SDK is an optional extra: load its provider only when asked for.
+    if name == "DatabricksTokenProvider":
+        from .databricks import DatabricksTokenProvider
+
+        return DatabricksTokenProvider
+    raise AttributeError(f"module 'fastpgcache' has no attribute {name!r}")

@@ -1,0 +1,72 @@
+"""Exceptions users can act on, and the one place driver errors are translated."""
+from __future__ import annotations
+
+from sqlalchemy import exc as sa_exc
+
+SETUP_HINT = (
+    "run `fastpgcache-admin --url URL [--schema S]` (or `alembic -x url=URL upgrade head`) "
+    "as the database admin to create it"
+)
+
+
+class CacheError(Exception):
+    """Base class of every error fastpgcache raises on purpose."""
+
+
+class CacheNotSetUpError(CacheError):
+    """The cache table (or schema) does not exist yet."""
+
+
+class CachePermissionError(CacheError, PermissionError):
+    """The database refused the operation for this role (privileges or row-level security)."""
+
+
+class CacheConnectionError(CacheError, ConnectionError):
+    """The database could not be reached or refused the login."""
+
+
+def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
+    orig = error.orig
+    return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+
+
+def _first_line(error: sa_exc.DBAPIError) -> str:
+    text = str(error.orig).strip().splitlines()
+    return text[0] if text else type(error.orig).__name__
+
+
+def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
+    """Turn a driver error into an exception that says what to do; others pass through.
+
+    `where` names the table (schema.table) so the message can point at it.
+    """
+    state = _sqlstate(error)
+    if state in ("42P01", "3F000"):  # undefined_table, invalid_schema_name
+        return CacheNotSetUpError(f"cache table {where} does not exist: {SETUP_HINT}")
+    if state == "42501":  # insufficient_privilege, including row-level security refusals
+        detail = _first_line(error)
+        if "row-level security" in detail:
+            return CachePermissionError(
+                f"{detail}. Each database role may only read and write rows whose user_id is its own "
+                "login name (current_user); create the Cache without user_id, or connect as that role"
+            )
+        return CachePermissionError(
+            f"{detail}. Ask the cache admin to grant access: `fastpgcache-admin --grant-to ROLE` "
+            f"(table {where})"
+        )
+    if isinstance(error, sa_exc.OperationalError) and state in (None, "08001", "08006", "28P01", "28000", "57P03"):
+        return CacheConnectionError(f"cannot connect to the database: {connection_hint(error)}")
+    return error
+
+
+def connection_hint(error: sa_exc.DBAPIError) -> str:
+    """One line saying what failed and what to try; never includes the password."""
+    detail = _first_line(error)
+    lowered = detail.lower()
+    if "password authentication failed" in lowered or "no password supplied" in lowered:
+        return f"{detail} (check the password: PGPASSWORD, the URL, or --password)"
+    if "connection refused" in lowered or "could not translate host" in lowered or "timeout" in lowered:
+        return f"{detail} (is the server running and reachable at that host and port?)"
+    if "does not exist" in lowered:
+        return f"{detail} (check the database and user names)"
+    return detail

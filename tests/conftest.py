@@ -1,0 +1,71 @@
+"""Fixtures: a real PostgreSQL (FASTPGCACHE_TEST_URL, else an embedded server) and a fresh schema per test."""
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from fastpgcache import Cache, setup_cache
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """URL of the server under test, as its superuser."""
+    url = os.environ.get("FASTPGCACHE_TEST_URL")
+    if url:
+        yield url
+        return
+    from fastpgcache.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres().start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def engine(pg_url):
+    engine = create_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def schema(engine):
+    """A schema holding a cache table created by the real migrations; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    setup_cache(engine=engine, schema=name)
+    yield name
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
+@pytest.fixture
+def cache(engine, schema):
+    return Cache(engine, schema=schema)
+
+
+@pytest.fixture(scope="session")
+def make_role(engine, pg_url):
+    """Create a LOGIN role (no superuser, no BYPASSRLS) and return (name, url); dropped at the end."""
+    created = []
+
+    def make(prefix: str, *, login: bool = True):
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        password = secrets.token_urlsafe(16)
+        with engine.begin() as connection:
+            connection.execute(text(
+                f'CREATE ROLE "{name}" {"LOGIN" if login else "NOLOGIN"} NOSUPERUSER NOBYPASSRLS '
+                f"PASSWORD '{password}'"))
+        created.append(name)
+        url = make_url(pg_url).set(username=name, password=password)
+        return name, url
+
+    yield make
+    with engine.begin() as connection:
+        for name in created:
+            connection.execute(text(f'DROP OWNED BY "{name}" CASCADE'))
+            connection.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
