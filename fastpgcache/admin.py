@@ -57,16 +57,9 @@ class MigrationOptions:
 
 
 def migrations_dir() -> Path:
-    """Where the Alembic scripts are: inside the installed package, or the checkout's `alembic/`."""
-    from importlib.resources import files
-
-    try:
-        shipped = Path(str(files("fastpgcache._migrations")))
-        if (shipped / "env.py").exists():
-            return shipped
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parent.parent / "alembic"
+    """Where the Alembic scripts are: inside the installed wheel, or the checkout's `alembic/`."""
+    shipped = Path(__file__).resolve().parent / "_migrations"
+    return shipped if (shipped / "env.py").exists() else Path(__file__).resolve().parent.parent / "alembic"
 
 
 def _alembic(connection: Connection, options: MigrationOptions):

@@ -1,0 +1,124 @@
+"""`fastpgcache-admin` and the shipped migrations, as an admin would use them."""
+import os
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from fastpgcache import Cache
+from fastpgcache.admin import cache_status, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def scratch(engine):
+    name = f"a_{uuid.uuid4().hex[:10]}"
+    yield name
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
+def test_setup_then_check_reports_unlogged(pg_url, scratch, capsys):
+    assert main(["--url", pg_url, "--check", "--schema", scratch]) == 1
+    assert "not set up" in capsys.readouterr().out
+    assert main(["--url", pg_url, "--schema", scratch]) == 0
+    assert main(["--url", pg_url, "--check", "--schema", scratch]) == 0
+    out = capsys.readouterr().out
+    assert f"{scratch}.cache: exists, UNLOGGED, row-level security on, revision 0" in out
+
+
+def test_admin_is_idempotent_and_force_empties(engine, pg_url, scratch):
+    assert main(["--url", pg_url, "--schema", scratch]) == 0
+    Cache(engine, schema=scratch).set("k", "v")
+    assert main(["--url", pg_url, "--schema", scratch]) == 0
+    assert Cache(engine, schema=scratch).get("k") == "v"
+    assert main(["--url", pg_url, "--schema", scratch, "--force"]) == 0
+    assert Cache(engine, schema=scratch).get("k") is None
+
+
+def test_logged_and_unlogged_flags_switch_and_keep_rows(engine, pg_url, scratch, capsys):
+    main(["--url", pg_url, "--schema", scratch])
+    Cache(engine, schema=scratch).set("k", [1, 2])
+    assert main(["--url", pg_url, "--schema", scratch, "--logged"]) == 0
+    assert "exists, LOGGED" in capsys.readouterr().out
+    assert main(["--url", pg_url, "--schema", scratch, "--unlogged"]) == 0
+    assert "exists, UNLOGGED" in capsys.readouterr().out
+    assert Cache(engine, schema=scratch).get("k") == [1, 2]
+
+
+def test_url_parts_and_fastpgcache_url_env(pg_url, scratch, monkeypatch):
+    url = make_url(pg_url)
+    assert main(["--host", url.host, "--port", str(url.port or 5432), "--user", url.username,
+                 "--database", url.database, "--schema", scratch]) == 0
+    monkeypatch.setenv("FASTPGCACHE_URL", pg_url)
+    assert main(["--check", "--schema", scratch]) == 0
+
+
+def test_cleanup_flag_removes_every_roles_expired_rows(engine, pg_url, schema, capsys):
+    with engine.begin() as connection:
+        connection.execute(text(
+            f'INSERT INTO "{schema}".cache (user_id, key, value, expires_at) VALUES '
+            "('alice', 'a', 'x', now() - interval '1 minute'), ('bob', 'b', 'x', now() - interval '1 minute'), "
+            "('bob', 'live', 'x', NULL)"))
+    assert main(["--url", pg_url, "--schema", schema, "--cleanup"]) == 0
+    assert "removed 2 expired entries" in capsys.readouterr().out
+    with engine.connect() as connection:
+        assert connection.execute(text(f'SELECT key FROM "{schema}".cache')).scalars().all() == ["live"]
+
+
+def test_unreachable_host_is_one_line_exit_2(capsys):
+    code = main(["--host", "127.0.0.1", "--port", "1", "--user", "nobody", "--password", "s3cret-pw", "--check"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("fastpgcache-admin: cannot connect")
+    assert "reachable" in err
+    assert "s3cret-pw" not in err and "Traceback" not in err
+
+
+def test_role_without_create_privilege_gets_one_line(make_role, pg_url, capsys):
+    name, url = make_role("weak")
+    code = main(["--url", url.render_as_string(hide_password=False), "--schema", f"s_{uuid.uuid4().hex[:6]}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "permission denied" in err
+    assert url.password not in err
+
+
+def test_databricks_flag_without_instance_name_is_a_clear_error(capsys):
+    assert main(["--databricks", "--host", "127.0.0.1", "--port", "1"]) == 2
+    assert "--instance-name" in capsys.readouterr().err
+
+
+def test_console_script_runs(pg_url, scratch):
+    script = Path(sys.executable).with_name("fastpgcache-admin")
+    done = subprocess.run([str(script), "--url", pg_url, "--schema", scratch], capture_output=True, text=True,
+                          timeout=120, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert "UNLOGGED" in done.stdout
+
+
+def test_wheel_ships_migrations_and_admin_runs_from_it(tmp_path, pg_url, engine, scratch):
+    """Built wheel, unpacked away from the checkout: the admin finds its migrations inside it."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                            "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("fastpgcache-*.whl"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    assert (site / "fastpgcache" / "_migrations" / "env.py").exists()
+    assert list((site / "fastpgcache" / "_migrations" / "versions").glob("0001_*.py"))
+    code = ("import fastpgcache, fastpgcache.admin as a, sys; "
+            "assert fastpgcache.__file__.startswith(sys.argv[1]), fastpgcache.__file__; "
+            "print(a.migrations_dir()); sys.exit(a.main(['--url', sys.argv[2], '--schema', sys.argv[3]]))")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", code, str(site), pg_url, scratch], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith(str(site))
+    assert cache_status(engine, scratch)["unlogged"]

@@ -1,0 +1,166 @@
+"""The cache table exists only through the Alembic migrations, with its options."""
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from alembic.script import ScriptDirectory
+from alembic.config import Config
+from sqlalchemy import inspect, text
+
+from fastpgcache import Cache, setup_cache
+from fastpgcache.admin import VERSION_TABLE, cache_status, migrations_dir, set_logged
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def relpersistence(engine, schema, table="cache"):
+    with engine.connect() as connection:
+        return connection.execute(text(
+            "SELECT c.relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :s AND c.relname = :t"), {"s": schema, "t": table}).scalar()
+
+
+@pytest.fixture
+def scratch(engine):
+    """A schema name that does not exist yet; dropped afterwards."""
+    name = f"m_{uuid.uuid4().hex[:10]}"
+    yield name
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
+def test_table_is_unlogged_with_primary_key_and_partial_index(engine, schema):
+    assert relpersistence(engine, schema) == "u"
+    inspector = inspect(engine)
+    assert inspector.get_pk_constraint("cache", schema=schema)["constrained_columns"] == ["user_id", "key"]
+    indexes = {ix["name"]: ix for ix in inspector.get_indexes("cache", schema=schema)}
+    assert indexes["cache_expires_at_idx"]["column_names"] == ["expires_at"]
+    with engine.connect() as connection:
+        definition = connection.execute(text("SELECT pg_get_indexdef(to_regclass(:ix)::oid)"),
+                                        {"ix": f"{schema}.cache_expires_at_idx"}).scalar()
+    assert "WHERE (expires_at IS NOT NULL)" in definition
+    columns = {c["name"]: c for c in inspector.get_columns("cache", schema=schema)}
+    assert set(columns) == {"user_id", "key", "value", "flags", "expires_at", "created_at"}
+    assert "current_user" in columns["user_id"]["default"].lower()
+
+
+def test_version_table_is_our_own_inside_the_schema(engine, schema):
+    inspector = inspect(engine)
+    assert inspector.has_table(VERSION_TABLE, schema=schema)
+    assert not inspector.has_table("alembic_version", schema=schema)
+    assert cache_status(engine, schema)["revision"] == head_revision()
+
+
+def test_logged_option_creates_a_logged_table(engine, scratch):
+    status = setup_cache(engine=engine, schema=scratch, logged=True)
+    assert status["exists"] and not status["unlogged"]
+    assert relpersistence(engine, scratch) == "p"
+
+
+def test_running_setup_twice_keeps_rows(engine, schema):
+    Cache(engine, schema=schema).set("kept", "yes")
+    setup_cache(engine=engine, schema=schema)
+    assert Cache(engine, schema=schema).get("kept") == "yes"
+
+
+def test_force_drops_and_recreates(engine, schema):
+    Cache(engine, schema=schema).set("gone", "soon")
+    status = setup_cache(engine=engine, schema=schema, force=True)
+    assert status["revision"] == head_revision()
+    assert Cache(engine, schema=schema).get("gone") is None
+
+
+def test_switching_logged_and_back_keeps_rows(engine, schema):
+    cache = Cache(engine, schema=schema)
+    cache.set_many({f"k{i}": i for i in range(50)})
+    set_logged(engine, True, schema)
+    assert relpersistence(engine, schema) == "p"
+    assert cache.get_many([f"k{i}" for i in range(50)]) == {f"k{i}": i for i in range(50)}
+    setup_cache(engine=engine, schema=schema, logged=False)
+    assert relpersistence(engine, schema) == "u"
+    assert cache.get("k49") == 49
+
+
+def test_setup_keeps_existing_persistence_when_not_asked(engine, schema):
+    set_logged(engine, True, schema)
+    setup_cache(engine=engine, schema=schema)
+    assert relpersistence(engine, schema) == "p"
+
+
+def test_custom_table_name_and_two_caches_side_by_side(engine, scratch):
+    setup_cache(engine=engine, schema=scratch, table="sessions")
+    setup_cache(engine=engine, schema=scratch + "_b")
+    try:
+        a = Cache(engine, schema=scratch, table="sessions")
+        b = Cache(engine, schema=scratch + "_b")
+        a.set("k", "from a")
+        b.set("k", "from b")
+        assert (a.get("k"), b.get("k")) == ("from a", "from b")
+        assert inspect(engine).has_table("sessions", schema=scratch)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{scratch}_b" CASCADE'))
+
+
+def test_foreign_table_with_same_name_is_never_dropped_without_force(engine, scratch):
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{scratch}"'))
+        connection.execute(text(f'CREATE TABLE "{scratch}".cache (user_id text, key text, value text)'))
+        connection.execute(text(f"INSERT INTO \"{scratch}\".cache VALUES ('u', 'k', 'v')"))
+    with pytest.raises(Exception, match="--force"):
+        setup_cache(engine=engine, schema=scratch)
+    with engine.connect() as connection:
+        assert connection.execute(text(f'SELECT count(*) FROM "{scratch}".cache')).scalar() == 1
+    setup_cache(engine=engine, schema=scratch, force=True)
+    assert cache_status(engine, scratch)["revision"] == head_revision()
+
+
+def _alembic(pg_url, *args, env_url=True):
+    env = {**os.environ, "FASTPGCACHE_URL": pg_url} if env_url else dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "alembic", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_alembic_command_line_upgrade_and_downgrade_leave_nothing(engine, pg_url, scratch):
+    done = _alembic(pg_url, "-x", f"schema={scratch}", "-x", "logged=true", "upgrade", "head")
+    assert done.returncode == 0, done.stderr
+    assert relpersistence(engine, scratch) == "p"
+    assert cache_status(engine, scratch)["revision"] == head_revision()
+    done = _alembic(pg_url, "-x", f"schema={scratch}", "downgrade", "base")
+    assert done.returncode == 0, done.stderr
+    with engine.connect() as connection:
+        left = connection.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :s"), {"s": scratch})
+        assert left.scalar() == 0
+
+
+def test_alembic_url_from_x_argument(engine, pg_url, scratch):
+    done = _alembic(pg_url, "-x", f"url={pg_url}", "-x", f"schema={scratch}", "upgrade", "head", env_url=False)
+    assert done.returncode == 0, done.stderr
+    assert cache_status(engine, scratch)["exists"]
+
+
+def test_alembic_without_url_says_how_to_give_one():
+    env = {k: v for k, v in os.environ.items() if k != "FASTPGCACHE_URL"}
+    done = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "FASTPGCACHE_URL" in done.stderr
+
+
+def test_missing_table_error_names_the_fix(engine):
+    cache = Cache(engine, schema=f"nothing_{uuid.uuid4().hex[:6]}")
+    from fastpgcache import CacheNotSetUpError
+
+    with pytest.raises(CacheNotSetUpError, match="fastpgcache-admin"):
+        cache.get("k")
+    with pytest.raises(CacheNotSetUpError, match="alembic"):
+        cache.set("k", "v")
