@@ -13,6 +13,7 @@ from .errors import CacheConnectionError, CacheError, CacheNotSetUpError, CacheP
 from .model import CacheEntry
 
 __all__ = [
+    "AsyncCache",
     "Cache",
     "CacheConnectionError",
     "CacheEntry",
@@ -32,4 +33,8 @@ def __getattr__(name):
         from .databricks import DatabricksTokenProvider
 
         return DatabricksTokenProvider
+    if name == "AsyncCache":  # SQLAlchemy's asyncio needs greenlet: the `asyncio` extra
+        from .aio import AsyncCache
+
+        return AsyncCache
     raise AttributeError(f"module 'fastpgcache' has no attribute {name!r}")

@@ -1,0 +1,162 @@
+"""`AsyncCache`: the `Cache` API for asyncio, awaiting the very same statement steps.
+
+Needs SQLAlchemy's asyncio support and an async driver: the `asyncio` extra
+(`pip install 'fastpgcache[asyncio]'`) brings greenlet and psycopg 3.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, AsyncIterator, Callable
+
+from sqlalchemy import exc as sa_exc
+try:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+except ImportError as missing:  # greenlet is not installed
+    raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
+
+from .cache import _MISSING, Cache, _call_key, _negate, _pattern, _positive, normalize_ttl
+from .errors import translate
+
+
+def _awaitable(operation):
+    """The async twin of one `Cache` operation: same steps, awaited instead of blocked on."""
+    steps = operation.steps
+
+    @functools.wraps(operation)
+    async def run(self, *args, **kwargs):
+        return await self._drive(steps(self, *args, **kwargs))
+
+    run.steps = steps
+    return run
+
+
+class AsyncCache(Cache):
+    """`Cache` for asyncio: the same methods, semantics and errors, each one awaited.
+
+    Binds to an `AsyncEngine` (each call its own short transaction), an
+    `AsyncConnection` or an `AsyncSession` (the caller commits or rolls back)::
+
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from fastpgcache.aio import AsyncCache
+
+        cache = AsyncCache(create_async_engine("postgresql+psycopg://app@localhost/app"))
+        await cache.set("user:1", {"name": "Alice"}, ttl=3600)
+        await cache.get("user:1")          # {'name': 'Alice'}
+
+    There is no negative-lookup filter here: every `get` asks the database.
+    """
+
+    _bind_types: tuple = (AsyncSession, AsyncConnection, AsyncEngine)
+
+    def __init__(self, bind, **options):
+        super().__init__(bind, **options)
+        if isinstance(bind, AsyncEngine):
+            # As in Cache: one statement is atomic, so skip the BEGIN/COMMIT round trips.
+            self._engine = bind.execution_options(isolation_level="AUTOCOMMIT")
+
+    # -- running steps -----------------------------------------------------------------
+
+    async def _drive(self, steps):
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    result = await self._execute(*request)
+                except Exception as error:
+                    request = steps.throw(error)
+                else:
+                    request = steps.send(result)
+        except StopIteration as done:
+            return done.value
+
+    async def _execute(self, statement, params: dict, consume: Callable[[Any], Any]):
+        """Run one statement and consume its (buffered) result; driver errors become cache errors."""
+        params = self._params(params)
+        try:
+            if isinstance(self.bind, AsyncEngine):
+                return await self._execute_on_engine(statement, params, consume)
+            connection = await self.bind.connection() if isinstance(self.bind, AsyncSession) else self.bind
+            return consume(await connection.execute(statement, params, execution_options=self._options))
+        except sa_exc.DBAPIError as error:
+            raise translate(error, self._where) from error
+
+    async def _execute_on_engine(self, statement, params, consume):
+        # One retry on a connection found dead (server restarted), as Cache does.
+        for attempt in (1, 2):
+            try:
+                async with self._engine.connect() as connection:
+                    return consume(await connection.execute(statement, params, execution_options=self._options))
+            except sa_exc.DBAPIError as error:
+                if attempt == 2 or not error.connection_invalidated:
+                    raise
+
+    # -- what is not a single operation ---------------------------------------------
+
+    async def decr(self, key, amount: int = 1) -> int:
+        """Subtract `amount` from the integer at `key`: `await cache.decr("stock")`."""
+        return await self.incr(key, _negate(amount))
+
+    async def scan_iter(self, pattern: str = "*", batch_size: int = 1000) -> AsyncIterator[str]:
+        """Iterate over matching live keys in key order::
+
+            async for key in cache.scan_iter("user:*"):
+                ...
+        """
+        regex, after = _pattern(pattern), ""
+        _positive("batch_size", batch_size)
+        while True:
+            batch = await self._scan_batch(regex, after, batch_size)
+            for key in batch:
+                yield key
+            if len(batch) < batch_size:
+                return
+            after = batch[-1]
+
+    async def get_or_set(self, key, fn: Callable[[], Any], ttl=None):
+        """The cached value of `key`, else `fn()` (awaited if it is a coroutine) stored and returned::
+
+            profile = await cache.get_or_set(f"profile:{uid}", lambda: load_profile(uid), ttl=300)
+        """
+        normalize_ttl(ttl)
+        value = await self.get(key, _MISSING)
+        if value is _MISSING:
+            value = fn()
+            if inspect.isawaitable(value):
+                value = await value
+            await self.set(key, value, ttl)
+        return value
+
+    def cached(self, ttl=None, key: str | Callable[..., str] | None = None):
+        """Decorator caching an async function's result per arguments::
+
+            @cache.cached(ttl=60)
+            async def report(day): ...
+
+        `key` works as in `Cache.cached`.
+        """
+        normalize_ttl(ttl)
+
+        def decorate(fn):
+            if not inspect.iscoroutinefunction(fn):
+                raise TypeError(f"AsyncCache.cached() decorates async functions; {fn.__qualname__} is not one "
+                                "(use Cache.cached for plain functions)")
+
+            @functools.wraps(fn)
+            async def wrapper(*args, **kwargs):
+                cache_key = _call_key(fn, key, args, kwargs)
+                return await self.get_or_set(cache_key, lambda: fn(*args, **kwargs), ttl)
+
+            return wrapper
+
+        return decorate
+
+
+def _adopt_operations() -> None:
+    # Every Cache operation, present and future, gets its awaited twin here.
+    for name, member in vars(Cache).items():
+        if hasattr(member, "steps") and name not in vars(AsyncCache):
+            setattr(AsyncCache, name, _awaitable(member))
+
+
+_adopt_operations()

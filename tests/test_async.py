@@ -1,0 +1,266 @@
+"""AsyncCache against the real server through psycopg 3's async driver: the sync facade's behaviour, awaited."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import inspect
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+from fastpgcache import Cache, CacheNotSetUpError, CachePermissionError
+from fastpgcache.aio import AsyncCache
+
+def async_url(url):
+    return make_url(url).set(drivername="postgresql+psycopg")
+
+
+@pytest_asyncio.fixture
+async def aengine(pg_url):
+    engine = create_async_engine(async_url(pg_url), pool_size=10, max_overflow=10)
+    yield engine
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture
+async def acache(aengine, schema):
+    return AsyncCache(aengine, schema=schema)
+
+
+# -- the API is the sync one, awaited -------------------------------------------------
+
+
+def test_every_public_method_is_awaitable_or_a_decorator():
+    public = {name for name in dir(Cache) if not name.startswith("_") and callable(getattr(Cache, name))}
+    for name in public - {"cached"}:
+        method = getattr(AsyncCache, name)
+        assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name
+
+
+def test_rejects_a_sync_bind(engine):
+    with pytest.raises(TypeError, match="AsyncSession or AsyncConnection or AsyncEngine"):
+        AsyncCache(engine)
+
+
+@pytest.mark.asyncio
+async def test_values_round_trip_to_the_same_type(acache):
+    values = {"s": "123", "b": b"\x00\xff", "d": {"a": [1, 2]}, "l": [1, "x"], "i": 7, "f": 1.5,
+              "t": True, "n": None, "u": "naïve ☃"}
+    for key, value in values.items():
+        assert await acache.set(key, value) is True
+    for key, value in values.items():
+        got = await acache.get(key)
+        assert got == value and type(got) is type(value)
+    raw = await acache.get("d", parse_json=False)
+    assert isinstance(raw, str) and raw.replace(" ", "") == '{"a":[1,2]}'
+
+
+@pytest.mark.asyncio
+async def test_missing_key_returns_default(acache):
+    assert await acache.get("nope") is None
+    assert await acache.get("nope", "fallback") == "fallback"
+    assert await acache.exists("nope") is False
+    assert await acache.ttl("nope") == -2
+
+
+@pytest.mark.asyncio
+async def test_nx_and_xx(acache):
+    assert await acache.set("lock", "me", nx=True) is True
+    assert await acache.set("lock", "you", nx=True) is False
+    assert await acache.get("lock") == "me"
+    assert await acache.set("absent", 1, xx=True) is False
+    assert await acache.set("lock", "them", xx=True) is True
+    assert await acache.get("lock") == "them"
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        await acache.set("lock", 1, nx=True, xx=True)
+
+
+@pytest.mark.asyncio
+async def test_ttl_expire_persist(acache):
+    await acache.set("k", 1, ttl=dt.timedelta(seconds=100))
+    assert await acache.ttl("k") == 100
+    assert await acache.expire("k", 50) is True
+    assert await acache.ttl("k") == 50
+    assert await acache.persist("k") is True
+    assert await acache.ttl("k") == -1
+    assert await acache.persist("k") is False
+    assert await acache.expire("missing", 5) is False
+
+
+@pytest.mark.asyncio
+async def test_expired_values_are_invisible_and_cleaned_up(acache):
+    await acache.set("short", "x", ttl=0.2)
+    await acache.set("long", "y", ttl=100)
+    await asyncio.sleep(0.35)
+    assert await acache.get("short") is None
+    assert await acache.exists("short") is False
+    assert await acache.stats() == {"entries": 1, "expired": 1}
+    assert await acache.set("short", "again", nx=True) is True
+    await acache.expire("short", 0.1)
+    await asyncio.sleep(0.25)
+    assert await acache.cleanup(batch_size=1) == 1
+    assert await acache.stats() == {"entries": 1, "expired": 0}
+
+
+@pytest.mark.asyncio
+async def test_incr_and_decr(acache):
+    assert await acache.incr("n") == 1
+    assert await acache.incr("n", 10) == 11
+    assert await acache.decr("n", 2) == 9
+    assert await acache.get("n") == 9
+    await acache.set("word", "abc")
+    with pytest.raises(ValueError, match="not an integer"):
+        await acache.incr("word")
+    await acache.set("big", 2**63 - 1)
+    with pytest.raises(ValueError, match="overflows"):
+        await acache.incr("big")
+    with pytest.raises(TypeError, match="amount must be an int"):
+        await acache.decr("n", 1.5)
+
+
+@pytest.mark.asyncio
+async def test_batches(acache):
+    assert await acache.set_many({"a": 1, "b": [2], "c": "3"}, ttl=60) == 3
+    assert await acache.get_many(["a", "b", "c", "zzz"]) == {"a": 1, "b": [2], "c": "3"}
+    assert await acache.delete_many(["a", "b", "zzz"]) == 2
+    assert await acache.delete("c") is True
+    assert await acache.delete("c") is False
+    assert await acache.set_many({}) == 0
+    assert await acache.get_many([]) == {}
+
+
+@pytest.mark.asyncio
+async def test_keys_and_scan_iter(acache):
+    await acache.set_many({f"user:{i:02}": i for i in range(7)} | {"other": 0, "100%_x": 1})
+    assert await acache.keys("user:0[0-2]") == ["user:00", "user:01", "user:02"]
+    assert await acache.keys("100%_?") == ["100%_x"]
+    scanned = [key async for key in acache.scan_iter("user:*", batch_size=3)]
+    assert scanned == [f"user:{i:02}" for i in range(7)]
+    with pytest.raises(ValueError, match="batch_size"):
+        [key async for key in acache.scan_iter(batch_size=0)]
+    assert await acache.clear() == 9
+    assert await acache.keys() == []
+
+
+@pytest.mark.asyncio
+async def test_bad_input_raises_before_the_database(acache):
+    with pytest.raises(TypeError, match="invalid key type"):
+        await acache.get(["list"])
+    with pytest.raises(ValueError, match="positive number of seconds"):
+        await acache.set("k", 1, ttl=-1)
+    with pytest.raises(TypeError, match="set"):
+        await acache.set("k", {1, 2})
+    with pytest.raises(TypeError, match="mapping"):
+        await acache.set_many([("a", 1)])
+
+
+@pytest.mark.asyncio
+async def test_missing_table_says_how_to_create_it(aengine):
+    cache = AsyncCache(aengine, schema="no_such_schema_here")
+    with pytest.raises(CacheNotSetUpError, match="fastpgcache-admin"):
+        await cache.get("k")
+
+
+# -- caller's transaction -------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_rolled_back_session_leaves_nothing(aengine, acache, schema):
+    async with AsyncSession(aengine) as session:
+        in_tx = AsyncCache(session, schema=schema)
+        await in_tx.set("tx", "value")
+        assert await in_tx.get("tx") == "value"
+        assert await acache.get("tx") is None  # not visible outside before commit
+        await session.rollback()
+    assert await acache.get("tx") is None
+
+
+@pytest.mark.asyncio
+async def test_committed_session_is_visible(aengine, acache, schema):
+    async with AsyncSession(aengine) as session:
+        await AsyncCache(session, schema=schema).set("tx", "value")
+        await session.commit()
+    assert await acache.get("tx") == "value"
+
+
+@pytest.mark.asyncio
+async def test_connection_bind_runs_in_its_transaction(aengine, acache, schema):
+    async with aengine.connect() as connection:
+        cache = AsyncCache(connection, schema=schema)
+        await cache.incr("counter", 5)
+        assert await cache.get("counter") == 5
+        await connection.rollback()
+    assert await acache.get("counter") is None
+
+
+@pytest.mark.asyncio
+async def test_200_concurrent_incr_on_one_key_is_exact(acache):
+    results = await asyncio.gather(*(acache.incr("hits") for _ in range(200)))
+    assert await acache.get("hits") == 200
+    assert sorted(results) == list(range(1, 201))
+
+
+# -- isolation ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_roles_only_see_their_own_rows(acache, schema, make_role, engine):
+    alice, alice_url = make_role("alice")
+    with engine.begin() as connection:
+        connection.execute(text(f'GRANT USAGE ON SCHEMA "{schema}" TO "{alice}"'))
+        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{schema}".cache TO "{alice}"'))
+    await acache.set("secret", "admin's")
+    alice_engine = create_async_engine(async_url(alice_url))
+    try:
+        as_alice = AsyncCache(alice_engine, schema=schema)
+        assert await as_alice.get("secret") is None
+        await as_alice.set("secret", "alice's")
+        assert await as_alice.get("secret") == "alice's"
+        assert await acache.get("secret") == "admin's"
+        spoofing = AsyncCache(alice_engine, schema=schema, user_id="postgres")
+        with pytest.raises(CachePermissionError):
+            await spoofing.set("x", 1)
+    finally:
+        await alice_engine.dispose()
+
+
+# -- helpers for callers ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_get_or_set_computes_once(acache):
+    calls = []
+
+    async def slow():
+        calls.append(1)
+        return {"v": len(calls)}
+
+    assert await acache.get_or_set("g", slow, ttl=60) == {"v": 1}
+    assert await acache.get_or_set("g", slow, ttl=60) == {"v": 1}
+    assert await acache.get_or_set("plain", lambda: "sync fn") == "sync fn"
+    assert calls == [1]
+
+
+@pytest.mark.asyncio
+async def test_cached_decorator(acache):
+    calls = []
+
+    @acache.cached(ttl=60)
+    async def square(x):
+        calls.append(x)
+        return x * x
+
+    assert [await square(3), await square(3), await square(4)] == [9, 9, 16]
+    assert calls == [3, 4]
+
+    @acache.cached(key=lambda day: f"report:{day}")
+    async def report(day):
+        return f"report for {day}"
+
+    assert await report("mon") == "report for mon"
+    assert await acache.get("report:mon") == "report for mon"
+    with pytest.raises(TypeError, match="async functions"):
+        acache.cached()(lambda: 1)
