@@ -1,0 +1,395 @@
+"""The Cache facade's behaviour on a real server: values, ttl, nx/xx, batches, keyspace, counters."""
+import datetime as dt
+import math
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from fastpgcache import MAX_KEY_BYTES, Cache
+
+VALUES = [
+    "plain", "", "123", '{"looks": "like json"}', "null", "true", "ünïcødé ✓ 日本語 🐘",
+    b"", b"\x00\x01\xff binary", bytes(range(256)),
+    0, -7, 2**70, 3.25, -0.0, True, False, None,
+    {"user": {"id": 123, "tags": ["admin", "dev"], "settings": {"theme": "dark", "on": True}}},
+    [1, 2, 3, {"nested": "value"}, [4, 5, 6]], [], {},
+]
+
+
+@pytest.mark.parametrize("value", VALUES, ids=lambda v: repr(v)[:30])
+def test_value_round_trips_with_its_type(cache, value):
+    cache.set("k", value)
+    got = cache.get("k", default="MISSING")
+    assert got == value and type(got) is type(value)
+
+
+def test_large_value_round_trips(cache):
+    big = "x" * 5_000_000
+    cache.set("big", big)
+    assert cache.get("big") == big
+    blob = bytes(range(256)) * 20_000
+    cache.set("blob", blob)
+    assert cache.get("blob") == blob
+
+
+def test_float_special_values(cache):
+    cache.set("inf", math.inf)
+    assert cache.get("inf") == math.inf
+    cache.set("nan", math.nan)
+    assert math.isnan(cache.get("nan"))
+
+
+@pytest.mark.parametrize("value", [object(), (1, 2), {1, 2}, dt.date(2024, 1, 1), {"when": dt.datetime.now()},
+                                   [1, object()]])
+def test_unsupported_value_type_is_type_error_naming_it_before_sql(engine, value):
+    cache = Cache(engine, schema="no_such_schema_here")  # any SQL would raise CacheNotSetUpError
+    with pytest.raises(TypeError, match="cannot cache a value of type"):
+        cache.set("k", value)
+
+
+def test_pickle_is_opt_in(engine, schema):
+    plain, pickling = Cache(engine, schema=schema), Cache(engine, schema=schema, pickle=True)
+    pickling.set("d", dt.date(2024, 5, 1))
+    assert pickling.get("d") == dt.date(2024, 5, 1)
+    pickling.set("t", (1, 2))
+    assert pickling.get("t") == (1, 2)
+    with pytest.raises(TypeError, match="pickle=True"):
+        plain.get("d")
+
+
+def test_parse_json_false_returns_stored_text(cache):
+    cache.set("j", {"a": [1, 2]})
+    assert cache.get("j", parse_json=False) == '{"a":[1,2]}'
+    cache.set("s", "text")
+    assert cache.get("s", parse_json=False) == "text"
+
+
+def test_get_default_and_missing(cache):
+    assert cache.get("nope") is None
+    assert cache.get("nope", 42) == 42
+    cache.set("none", None)
+    assert cache.get("none", 42) is None
+
+
+def test_set_replaces_value_and_ttl(cache):
+    cache.set("k", "a", ttl=100)
+    cache.set("k", "b")
+    assert cache.get("k") == "b"
+    assert cache.ttl("k") == -1
+
+
+def test_ttl_values(cache):
+    assert cache.ttl("missing") == -2
+    cache.set("forever", 1)
+    assert cache.ttl("forever") == -1
+    cache.set("short", 1, ttl=0.5)
+    assert cache.ttl("short") == 1  # rounded up
+    cache.set("hour", 1, ttl=dt.timedelta(hours=1))
+    assert 3599 <= cache.ttl("hour") <= 3600
+
+
+def test_value_expires_by_the_database_clock(cache):
+    cache.set("brief", "x", ttl=0.3)
+    assert cache.exists("brief")
+    time.sleep(0.4)
+    assert cache.get("brief") is None
+    assert not cache.exists("brief")
+    assert cache.ttl("brief") == -2
+    assert cache.get_many(["brief"]) == {}
+    assert cache.keys("*") == []
+    assert cache.delete("brief") is False
+
+
+def test_expire_and_persist(cache):
+    assert cache.expire("missing", 10) is False
+    assert cache.persist("missing") is False
+    cache.set("k", 1)
+    assert cache.persist("k") is False  # no ttl to remove
+    assert cache.expire("k", 50) is True
+    assert 49 <= cache.ttl("k") <= 50
+    assert cache.persist("k") is True
+    assert cache.ttl("k") == -1
+    with pytest.raises(ValueError, match="persist"):
+        cache.expire("k", None)
+
+
+@pytest.mark.parametrize("ttl", [0, -1, -0.5, math.nan, 10**12])
+def test_bad_ttl_value(cache, ttl):
+    with pytest.raises(ValueError, match="ttl"):
+        cache.set("k", "v", ttl=ttl)
+    assert cache.exists("k") is False
+
+
+@pytest.mark.parametrize("ttl", [True, "10", [10], object()])
+def test_bad_ttl_type(cache, ttl):
+    with pytest.raises(TypeError, match="ttl"):
+        cache.set("k", "v", ttl=ttl)
+
+
+def test_nx_sets_only_when_absent_or_expired(cache):
+    assert cache.set("k", "first", nx=True) is True
+    assert cache.set("k", "second", nx=True) is False
+    assert cache.get("k") == "first"
+    cache.set("e", "old", ttl=0.2)
+    time.sleep(0.3)
+    assert cache.set("e", "new", nx=True) is True
+    assert cache.get("e") == "new" and cache.ttl("e") == -1
+
+
+def test_xx_sets_only_when_present(cache):
+    assert cache.set("k", "v", xx=True) is False
+    assert cache.exists("k") is False
+    cache.set("k", "v", ttl=100)
+    assert cache.set("k", "w", xx=True) is True
+    assert cache.get("k") == "w" and cache.ttl("k") == -1
+    cache.set("e", "old", ttl=0.2)
+    time.sleep(0.3)
+    assert cache.set("e", "new", xx=True) is False
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        cache.set("k", "v", nx=True, xx=True)
+
+
+def test_delete_and_exists(cache):
+    cache.set("k", "v")
+    assert cache.exists("k")
+    assert cache.delete("k") is True
+    assert cache.delete("k") is False
+    assert cache.get("k") is None and not cache.exists("k")
+
+
+@pytest.mark.parametrize("key, stored", [("s", "s"), (b"bytes", "bytes"), (7, "7"), (1.5, "1.5")])
+def test_key_types_convert_like_redis_py(cache, key, stored):
+    cache.set(key, "v")
+    assert cache.keys("*") == [stored]
+    assert cache.get(stored) == "v"
+
+
+@pytest.mark.parametrize("key", [None, True, ["a"], {"a": 1}, object()])
+def test_bad_key_type(cache, key):
+    with pytest.raises(TypeError, match="key"):
+        cache.set(key, "v")
+
+
+def test_key_limits(cache):
+    with pytest.raises(ValueError, match="NUL"):
+        cache.set("a\x00b", "v")
+    with pytest.raises(ValueError, match=str(MAX_KEY_BYTES)):
+        cache.set("k" * (MAX_KEY_BYTES + 1), "v")
+    with pytest.raises(ValueError, match=str(MAX_KEY_BYTES)):
+        cache.get("é" * (MAX_KEY_BYTES // 2 + 1))
+    with pytest.raises(ValueError, match="empty"):
+        cache.set("", "v")
+    with pytest.raises(ValueError, match="UTF-8"):
+        cache.set(b"\xff\xfe", "v")
+    longest = "k" * MAX_KEY_BYTES
+    cache.set(longest, "v")
+    assert cache.get(longest) == "v"
+
+
+def test_incr_and_decr(cache):
+    assert cache.incr("n") == 1
+    assert cache.incr("n", 10) == 11
+    assert cache.decr("n", 20) == -9
+    assert cache.get("n") == -9
+    cache.set("s", "41")
+    assert cache.incr("s") == 42 and cache.get("s") == "42"
+    cache.set("t", 5, ttl=100)
+    cache.incr("t")
+    assert cache.ttl("t") > 90  # incr keeps the ttl
+
+
+def test_incr_of_expired_key_starts_at_zero_without_ttl(cache):
+    cache.set("e", 100, ttl=0.2)
+    time.sleep(0.3)
+    assert cache.incr("e", 5) == 5
+    assert cache.ttl("e") == -1
+
+
+@pytest.mark.parametrize("value", ["abc", 1.5, b"12", [1], {"a": 1}, "1e3"])
+def test_incr_of_non_integer_is_value_error(cache, value):
+    cache.set("x", value)
+    with pytest.raises(ValueError, match="not an integer"):
+        cache.incr("x")
+    assert cache.get("x") == value
+
+
+def test_incr_overflow_and_bad_amount(cache):
+    cache.set("big", 2**63 - 1)
+    with pytest.raises(ValueError, match="overflows"):
+        cache.incr("big")
+    for amount in (1.5, "1", True, None):
+        with pytest.raises(TypeError, match="amount"):
+            cache.incr("n", amount)
+        with pytest.raises(TypeError, match="amount"):
+            cache.decr("n", amount)
+
+
+def test_concurrent_incr_is_exact(engine, schema):
+    cache = Cache(engine, schema=schema)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(10):
+                cache.incr("counter")
+        except Exception as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(100)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert cache.get("counter") == 1000
+
+
+def test_set_many_get_many_delete_many(cache):
+    items = {f"user:{i}": {"id": i} for i in range(1000)}
+    assert cache.set_many(items, ttl=3600) == 1000
+    got = cache.get_many(list(items) + ["missing"])
+    assert got == items
+    assert 3599 <= cache.ttl("user:999") <= 3600
+    assert cache.delete_many(["user:1", "user:2", "missing"]) == 2
+    assert cache.get_many(["user:1", "user:3"]) == {"user:3": {"id": 3}}
+    assert cache.set_many({}) == 0 and cache.get_many([]) == {} and cache.delete_many([]) == 0
+
+
+def test_set_many_types_and_overwrite(cache):
+    cache.set("a", "old", ttl=5)
+    batch = {"a": "123", "b": b"raw", "c": None, "d": [1], 5: "int key"}
+    assert cache.set_many(batch) == 5
+    got = cache.get_many(["a", "b", "c", "d", "5"])
+    assert got == {"a": "123", "b": b"raw", "c": None, "d": [1], "5": "int key"}
+    assert type(got["a"]) is str and cache.ttl("a") == -1
+
+
+def test_set_many_with_colliding_normalized_keys_keeps_last(cache):
+    assert cache.set_many({1: "int", "1": "str"}) == 1
+    assert cache.get("1") == "str"
+
+
+def test_set_many_validates_everything_before_writing(cache):
+    with pytest.raises(TypeError, match="object"):
+        cache.set_many({"good": 1, "bad": object()})
+    with pytest.raises(ValueError, match="NUL"):
+        cache.set_many({"good": 1, "b\x00d": 2})
+    assert cache.exists("good") is False
+    with pytest.raises(TypeError, match="mapping"):
+        cache.set_many([("a", 1)])
+    with pytest.raises(TypeError, match="iterable of keys"):
+        cache.get_many("abc")
+
+
+def test_keys_glob_patterns(cache):
+    names = ["user:1", "user:2", "user:10", "userX1", "a%b", "a_b", "axb", "a*b", "a?b", "a[b", "h\\x", "hello",
+             "hallo", "hxllo", "héllo"]
+    cache.set_many({name: 1 for name in names})
+    assert cache.keys("user:*") == ["user:1", "user:10", "user:2"]
+    assert cache.keys("user:?") == ["user:1", "user:2"]
+    assert cache.keys("a%b") == ["a%b"]  # % is not a wildcard
+    assert cache.keys("a_b") == ["a_b"]  # nor is _
+    assert cache.keys("a\\*b") == ["a*b"]
+    assert cache.keys("a\\?b") == ["a?b"]
+    assert cache.keys("a\\[b") == ["a[b"]
+    assert cache.keys("h[ae]llo") == ["hallo", "hello"]
+    assert cache.keys("h[^e]llo") == ["hallo", "hxllo", "héllo"]
+    assert cache.keys("h[a-f]llo") == ["hallo", "hello"]
+    assert cache.keys("h\\\\x") == ["h\\x"]
+    assert cache.keys("*") == sorted(cache.keys("*")) and len(cache.keys()) == len(names)
+    assert cache.keys("nothing*") == []
+    with pytest.raises(TypeError, match="pattern"):
+        cache.keys(5)
+
+
+def test_scan_iter_pages_through_everything(cache):
+    cache.set_many({f"k{i:04d}": i for i in range(2500)})
+    cache.set("other", 1)
+    seen = list(cache.scan_iter("k*", batch_size=1000))
+    assert seen == [f"k{i:04d}" for i in range(2500)]
+    assert list(cache.scan_iter("k000?", batch_size=3)) == [f"k000{i}" for i in range(10)]
+    with pytest.raises(ValueError, match="batch_size"):
+        list(cache.scan_iter("*", batch_size=0))
+
+
+def test_clear_removes_only_this_cache(engine, schema, cache):
+    cache.set_many({"a": 1, "b": 2})
+    with engine.begin() as connection:
+        connection.execute(text(f"INSERT INTO \"{schema}\".cache (user_id, key, value) VALUES ('someone', 'x', 'v')"))
+    assert cache.clear() == 2
+    assert cache.keys() == []
+    with engine.connect() as connection:
+        assert connection.execute(text(f'SELECT count(*) FROM "{schema}".cache')).scalar() == 1
+
+
+def test_cleanup_deletes_expired_rows_in_batches(engine, schema, cache):
+    cache.set_many({f"dead{i}": i for i in range(250)}, ttl=0.2)
+    cache.set_many({f"live{i}": i for i in range(10)}, ttl=3600)
+    cache.set("forever", 1)
+    time.sleep(0.3)
+    assert cache.stats() == {"entries": 11, "expired": 250}
+    statements = []
+    from sqlalchemy import event
+
+    def count(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("DELETE"):
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert cache.cleanup(batch_size=100) == 250
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) == 3  # 100 + 100 + 50: bounded batches, not one giant DELETE
+    assert cache.stats() == {"entries": 11, "expired": 0}
+    assert cache.cleanup() == 0
+    with pytest.raises(ValueError, match="batch_size"):
+        cache.cleanup(batch_size=0)
+
+
+def test_get_or_set_computes_once(cache):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"computed": True}
+
+    assert cache.get_or_set("g", compute, ttl=60) == {"computed": True}
+    assert cache.get_or_set("g", compute, ttl=60) == {"computed": True}
+    assert len(calls) == 1
+    assert cache.get_or_set("n", lambda: None) is None
+    assert cache.get_or_set("n", lambda: 1 / 0) is None  # a cached None is a hit
+
+
+def test_cached_decorator(cache):
+    calls = []
+
+    @cache.cached(ttl=60)
+    def square(x, *, offset=0):
+        calls.append(x)
+        return x * x + offset
+
+    assert square(4) == 16 and square(4) == 16 and square(5) == 25
+    assert square(4, offset=1) == 17
+    assert calls == [4, 5, 4]
+
+    @cache.cached(key=lambda user: f"profile:{user}")
+    def profile(user):
+        return {"user": user}
+
+    assert profile("ann") == {"user": "ann"}
+    assert cache.get("profile:ann") == {"user": "ann"}
+
+
+def test_bad_bind_and_user_id(engine):
+    with pytest.raises(TypeError, match="Session, Connection or Engine"):
+        Cache("postgresql://x")
+    for user_id in ("", "a\x00b", 5):
+        with pytest.raises(ValueError, match="user_id"):
+            Cache(engine, user_id=user_id)
+
+
+def test_repr_names_table(cache, schema):
+    assert repr(cache) == f"<Cache {schema}.cache on Engine>"

@@ -1,0 +1,145 @@
+"""FastPgCache: the seed-compatible client owning its pool."""
+import io
+import logging
+import threading
+from contextlib import redirect_stdout
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from fastpgcache import CacheConnectionError, CacheNotSetUpError, FastPgCache
+from fastpgcache.client import build_url
+
+
+@pytest.fixture
+def client(pg_url, schema):
+    with FastPgCache(url=pg_url, schema=schema) as cache:
+        yield cache
+
+
+def test_seed_constructor_parts(pg_url, schema):
+    url = make_url(pg_url)
+    with FastPgCache(host=url.host, port=url.port or 5432, database=url.database, user=url.username,
+                     password=url.password or "", schema=schema, minconn=2, maxconn=3) as cache:
+        cache.set("k", "v")
+        assert cache.get("k") == "v"
+        assert cache.bind.pool.size() == 3
+        assert cache.bind.pool.checkedin() == 2  # minconn opened up front
+
+
+def test_connection_string_forms(pg_url, schema):
+    url = make_url(pg_url)
+    dsn = f"host={url.host} port={url.port or 5432} dbname={url.database} user={url.username}"
+    plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    for form in (dsn, plain):
+        with FastPgCache(form, schema=schema) as cache:
+            cache.set("k", form)
+            assert cache.get("k") == form
+
+
+def test_build_url_hides_password():
+    url = build_url(host="db", user="alice", password="hunter2-secret")
+    assert "hunter2-secret" not in repr(url) and "hunter2-secret" not in str(url)
+    assert url.password == "hunter2-secret"
+    dsn = build_url("host=db user=alice password=hunter2-secret dbname=app sslmode=require")
+    assert dsn.query == {"sslmode": "require"} and "hunter2-secret" not in repr(dsn)
+
+
+def test_wrong_password_or_host_fails_in_constructor_without_leaking(caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(CacheConnectionError) as raised:
+        FastPgCache(host="127.0.0.1", port=1, user="nobody", password="hunter2-secret")
+    assert "reachable" in str(raised.value)
+    assert "hunter2-secret" not in str(raised.value) and "hunter2-secret" not in caplog.text
+    assert raised.value.__cause__ is None  # no driver traceback chained with the DSN in it
+
+
+def test_repr_hides_password(pg_url, schema):
+    url = make_url(pg_url).set(password="hunter2-secret")
+    cache = FastPgCache(url=url, schema=schema, minconn=0)
+    try:
+        assert "hunter2-secret" not in repr(cache)
+    finally:
+        cache.close()
+
+
+@pytest.mark.parametrize("minconn, maxconn", [(-1, 5), (6, 5), (1, 0), ("1", 5)])
+def test_bad_pool_sizes(minconn, maxconn):
+    with pytest.raises(ValueError, match="minconn"):
+        FastPgCache(minconn=minconn, maxconn=maxconn)
+
+
+def test_missing_table_raises_setup_hint(pg_url):
+    with FastPgCache(url=pg_url, schema="no_cache_here") as cache:
+        with pytest.raises(CacheNotSetUpError, match="fastpgcache-admin"):
+            cache.get("k")
+
+
+def test_close_disposes_pool_and_context_manager(pg_url, schema):
+    cache = FastPgCache(url=pg_url, schema=schema, minconn=2)
+    assert cache.bind.pool.checkedin() == 2
+    cache.close()
+    assert cache.bind.pool.checkedin() == 0
+
+
+def test_threads_share_one_client(client):
+    errors = []
+
+    def work(n):
+        try:
+            for i in range(50):
+                client.set(f"t{n}:{i}", {"n": n, "i": i})
+                assert client.get(f"t{n}:{i}") == {"n": n, "i": i}
+        except Exception as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(client.keys("t*")) == 1000
+    assert client.bind.pool.size() == 10
+
+
+def test_seed_readme_usage_example(client):
+    """The seed README's usage example (without the Databricks token lines), run as written."""
+    cache = client
+    out = io.StringIO()
+    with redirect_stdout(out):
+        cache.set("test:key1", "value1", ttl=3600)
+        cache.set("test:key2", {"name": "Alice", "age": 30})
+        cache.set("test:key3", [1, 2, 3, 4, 5])
+        test_data = {"user": {"id": 123, "name": "Alice", "tags": ["admin", "developer"],
+                              "settings": {"theme": "dark", "notifications": True}}}
+        cache.set("json:complex", test_data)
+        test_list = [1, 2, 3, {"nested": "value"}, [4, 5, 6]]
+        cache.set("json:list", test_list)
+        cache.set("user:123", {"name": "Alice", "role": "admin"}, ttl=3600)
+        cache.set("user:456", {"name": "Bob", "role": "user"}, ttl=3600)
+        cache.set("session:abc", {"user_id": 123, "ip": "192.168.1.1"}, ttl=1800)
+        print("✓ Values set\n")
+        user123 = cache.get("user:123")
+        print(f"user:123 = {user123}")
+        session = cache.get("session:abc")
+        print(f"session:abc = {session}\n")
+        print(f"user:123 exists: {cache.exists('user:123')}")
+        print(f"user:999 exists: {cache.exists('user:999')}\n")
+        ttl = cache.ttl("user:123")
+        print(f"user:123 expires in {ttl} seconds\n")
+        cache.set("config:app", {"theme": "dark", "language": "en"})
+        config_ttl = cache.ttl("config:app")
+        print(f"config:app TTL: {config_ttl} (-1 = no expiry)\n")
+        test_value = cache.get("user:123")
+        print(f"user:123 = {test_value}")
+    printed = out.getvalue()
+    assert "user:123 = {'name': 'Alice', 'role': 'admin'}" in printed
+    assert "session:abc = {'user_id': 123, 'ip': '192.168.1.1'}" in printed
+    assert "user:123 exists: True" in printed and "user:999 exists: False" in printed
+    assert "user:123 expires in 3600 seconds" in printed
+    assert "config:app TTL: -1 (-1 = no expiry)" in printed
+    assert cache.get("json:complex") == test_data and cache.get("json:list") == test_list
+    assert cache.get("test:key1") == "value1" and cache.get("test:key3") == [1, 2, 3, 4, 5]
+    assert cache.set_many({"user:789": {"name": "Charlie"}}, ttl=3600) == 1
+    assert cache.cleanup() == 0
