@@ -10,6 +10,21 @@ from .errors import CacheConnectionError, connection_hint
 
 DRIVER = "postgresql+psycopg2"
 
+PREPARE_THRESHOLD = 5
+"""psycopg 3 prepares a statement on the server after this many runs on one connection (its own default)."""
+
+
+def _connect_args(target: URL, prepare_threshold: int | None) -> dict:
+    # Only psycopg 3 prepares statements; psycopg2 never does, so "off" (None) is fine there too.
+    if prepare_threshold is not None and (not isinstance(prepare_threshold, int) or prepare_threshold < 0):
+        raise ValueError(f"prepare_threshold must be an int >= 0, or None to never prepare; got {prepare_threshold!r}")
+    if target.get_driver_name() == "psycopg":
+        return {"prepare_threshold": prepare_threshold}
+    if prepare_threshold not in (None, PREPARE_THRESHOLD):
+        raise ValueError("prepare_threshold needs psycopg 3: use a postgresql+psycopg:// URL "
+                         "(pip install 'fastpgcache[psycopg3]')")
+    return {}
+
 
 def build_url(connection_string: str | None = None, *, url: str | URL | None = None, host: str = "localhost",
               port: int = 5432, database: str = "postgres", user: str = "postgres",
@@ -50,6 +65,10 @@ class FastPgCache(Cache):
     once, so a wrong host or password fails here rather than on first use.
     With `instance_name`, it authenticates to Databricks with rotating tokens
     (`password` is ignored) through the `databricks` extra.
+
+    A `postgresql+psycopg://` URL uses psycopg 3, which runs the cache's
+    statements as server-side prepared statements after `prepare_threshold`
+    runs; behind a transaction-mode pooler pass `prepare_threshold=None`.
     """
 
     def __init__(self, connection_string: str | None = None, host: str = "localhost", port: int = 5432,
@@ -57,7 +76,8 @@ class FastPgCache(Cache):
                  minconn: int = 1, maxconn: int = 10, use_cuckoo_filter: bool = True,
                  cuckoo_capacity: int = 1_000_000, instance_name: str | None = None, profile: str | None = None,
                  *, url: str | URL | None = None, engine: Engine | None = None, table: str | None = None,
-                 user_id: str | None = None, pickle: bool = False, pool_timeout: float = 30.0):
+                 user_id: str | None = None, pickle: bool = False, pool_timeout: float = 30.0,
+                 prepare_threshold: int | None = PREPARE_THRESHOLD):
         if not (isinstance(minconn, int) and isinstance(maxconn, int) and 0 <= minconn <= maxconn and maxconn >= 1):
             raise ValueError(f"need 0 <= minconn <= maxconn and maxconn >= 1, got minconn={minconn} maxconn={maxconn}")
         self.use_cuckoo_filter = use_cuckoo_filter
@@ -67,7 +87,8 @@ class FastPgCache(Cache):
         if engine is None:
             target = build_url(connection_string, url=url, host=host, port=port, database=database, user=user,
                                password=None if instance_name else password)
-            engine = create_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout)
+            engine = create_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout,
+                                   connect_args=_connect_args(target, prepare_threshold))
         if instance_name:
             from .databricks import provider_for_instance, attach
 

@@ -17,13 +17,19 @@ def pg_url():
     """URL of the server under test, as its superuser."""
     url = os.environ.get("FASTPGCACHE_TEST_URL")
     if url:
-        yield url
+        yield _with_test_driver(url)
         return
     from fastpgcache.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres().start()
-    yield server.url
+    yield _with_test_driver(server.url)
     server.stop()
+
+
+def _with_test_driver(url):
+    """FASTPGCACHE_TEST_DRIVER=psycopg reruns tests on psycopg 3; unset keeps the URL's driver (psycopg2)."""
+    driver = os.environ.get("FASTPGCACHE_TEST_DRIVER")
+    return make_url(url).set(drivername=f"postgresql+{driver}") if driver else url
 
 
 @pytest.fixture(scope="session")

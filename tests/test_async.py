@@ -1,4 +1,4 @@
-"""AsyncCache against the real server through psycopg 3's async driver: the sync facade's behaviour, awaited."""
+"""psycopg 3 against the real server: AsyncCache (the sync facade's behaviour, awaited) and prepared statements."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +11,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from fastpgcache import Cache, CacheNotSetUpError, CachePermissionError
+from fastpgcache import Cache, CacheNotSetUpError, CachePermissionError, FastPgCache
 from fastpgcache.aio import AsyncCache
+from fastpgcache.client import PREPARE_THRESHOLD
 
 def async_url(url):
     return make_url(url).set(drivername="postgresql+psycopg")
@@ -41,7 +42,7 @@ def test_every_public_method_is_awaitable_or_a_decorator():
 
 
 def test_rejects_a_sync_bind(engine):
-    with pytest.raises(TypeError, match="AsyncSession or AsyncConnection or AsyncEngine"):
+    with pytest.raises(TypeError, match="AsyncEngine, not Engine"):
         AsyncCache(engine)
 
 
@@ -264,3 +265,29 @@ async def test_cached_decorator(acache):
     assert await acache.get("report:mon") == "report for mon"
     with pytest.raises(TypeError, match="async functions"):
         acache.cached()(lambda: 1)
+
+
+# -- psycopg 3 prepared statements in the sync client ---------------------------------
+
+
+def prepared_count(client: FastPgCache) -> int:
+    # maxconn=1: this is the very connection the client's calls ran on.
+    with client.bind.connect() as connection:
+        return connection.execute(text("SELECT count(*) FROM pg_prepared_statements")).scalar()
+
+
+@pytest.mark.parametrize("threshold, prepared", [(0, True), (PREPARE_THRESHOLD, True), (None, False)])
+def test_psycopg3_client_prepares_statements_unless_told_not_to(pg_url, schema, threshold, prepared):
+    url = async_url(pg_url).render_as_string(hide_password=False)
+    with FastPgCache(url=url, schema=schema, minconn=1, maxconn=1, prepare_threshold=threshold) as client:
+        for i in range(PREPARE_THRESHOLD + 2):
+            assert client.set("k", i) is True
+            assert client.get("k") == i
+        assert (prepared_count(client) >= 2) is prepared
+
+
+def test_prepare_threshold_is_checked():
+    with pytest.raises(ValueError, match="psycopg 3"):
+        FastPgCache(url="postgresql+psycopg2://u@localhost/db", prepare_threshold=1)
+    with pytest.raises(ValueError, match="int >= 0, or None"):
+        FastPgCache(url="postgresql+psycopg://u@localhost/db", prepare_threshold=-1)
