@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import importlib.util
 import inspect
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -291,3 +293,29 @@ def test_prepare_threshold_is_checked():
         FastPgCache(url="postgresql+psycopg2://u@localhost/db", prepare_threshold=1)
     with pytest.raises(ValueError, match="int >= 0, or None"):
         FastPgCache(url="postgresql+psycopg://u@localhost/db", prepare_threshold=-1)
+
+
+# -- the ASGI example -------------------------------------------------------------------
+
+
+def load_example(name: str):
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_asgi_example_serves_the_slow_call_from_the_cache(pg_url, engine, schema):
+    from starlette.testclient import TestClient
+
+    example = load_example("asgi_app")
+    with TestClient(example.create_app(pg_url, schema=schema)) as client:
+        first = client.get("/forecast/Paris")
+        second = client.get("/forecast/Paris")
+        other = client.get("/forecast/Oslo")
+        assert first.status_code == second.status_code == other.status_code == 200
+        assert first.json()["city"] == "Paris" and other.json()["city"] == "Oslo"
+        assert second.json() == first.json()  # same computed_at: served from the cache
+        assert client.app.state.upstream_calls == 2
+    assert 0 < Cache(engine, schema=schema).ttl("forecast:Paris") <= example.FORECAST_TTL
