@@ -1,0 +1,806 @@
+"""The engine behind `fastpgcache bench`: same-run comparisons against the raw driver, Django and Redis.
+
+Every contender runs every workload in the same process, interleaved round by
+round (the contender order rotates each round) so machine drift hits all of
+them alike. The floor is raw psycopg2 replaying the exact SQL text this
+library sends, on the same table, in autocommit, so each ratio isolates
+what the library adds::
+
+    from fastpgcache.bench import run_bench, format_table
+
+    report = run_bench("postgresql://postgres@127.0.0.1/postgres", redis_url="redis://127.0.0.1:6379")
+    print(format_table(report))
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import statistics
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+
+from .admin import setup_cache
+from .cache import Cache
+from .client import FastPgCache, build_url
+
+FLOOR = "psycopg2"
+LOGGED_TABLE = "cache_logged"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much to measure: rounds, calls per round per contender, and the load test's shape."""
+
+    rounds: int = 5
+    calls: int = 200
+    budget_s: float = 0.06
+    threads: int = 10
+    thread_ops: int = 100
+    value_bytes: int = 100
+    batch_sizes: tuple = (10, 100, 1000)
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        return cls(rounds=3, calls=60, budget_s=0.02, thread_ops=30)
+
+
+@dataclass
+class Result:
+    """Latencies of one contender on one workload, summarised."""
+
+    workload: str
+    contender: str
+    items_per_call: int
+    samples: int
+    p50_us: float
+    p95_us: float
+    p99_us: float
+    mean_us: float
+    ops_per_s: float
+    p50_vs_floor: float | None = None
+    ops_vs_floor: float | None = None
+
+
+@dataclass
+class Goal:
+    """One speed goal of issues #3 and #8, as a ratio measured in this run."""
+
+    goal: str
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+@dataclass
+class Report:
+    meta: dict
+    results: list[Result] = field(default_factory=list)
+    goals: list[Goal] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def result(self, workload: str, contender: str) -> Result | None:
+        """The result of one cell of the table, or None when that contender did not run it."""
+        return next((r for r in self.results if r.workload == workload and r.contender == contender), None)
+
+    def to_dict(self) -> dict:
+        return {"meta": self.meta, "results": [asdict(r) for r in self.results],
+                "goals": [asdict(g) for g in self.goals], "notes": self.notes}
+
+
+def sample_value(size: int) -> dict:
+    """A JSON object whose compact encoding is `size` bytes, like the seed's load test values."""
+    value = {"user": "u-42", "items": [1, 2, 3], "note": ""}
+    padding = size - len(json.dumps(value, separators=(",", ":")))
+    value["note"] = "x" * max(0, padding)
+    return value
+
+
+def _encode(value) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+# -- contenders --------------------------------------------------------------------------
+
+class Contender:
+    """One way to talk to a cache. Subclasses bind get/set/... to the client's own calls."""
+
+    name = "?"
+    workloads: set | None = None  # None: every workload
+
+    def runs(self, workload: str) -> bool:
+        return self.workloads is None or workload in self.workloads
+
+    def worker(self) -> "Contender":
+        """What one load-test thread uses; shared clients return themselves."""
+        return self
+
+    def end_unit(self) -> None:
+        """Called after each timed unit of work (untimed); Cache(session) commits here."""
+
+    def close(self) -> None:
+        pass
+
+
+class Psycopg2Floor(Contender):
+    """Raw psycopg2 in autocommit, replaying the SQL text the library sends (captured, not rewritten)."""
+
+    def __init__(self, name: str, connect: Callable, sql: dict, workloads: set | None = None):
+        self.name, self.workloads, self._connect, self._sql = name, workloads, connect, sql
+        self._local = threading.local()
+        self._all = []
+
+    @property
+    def _cursor(self):
+        # One connection per thread: the load test's "each thread its own connection".
+        local = self._local
+        if not hasattr(local, "cursor"):
+            connection = self._connect()
+            connection.autocommit = True
+            self._all.append(connection)
+            local.cursor = connection.cursor()
+        return local.cursor
+
+    def get(self, key):
+        sql, params = self._sql["get"]
+        cursor = self._cursor
+        cursor.execute(sql, {**params, "k": key})
+        row = cursor.fetchone()
+        return None if row is None else json.loads(bytes(row[0]))
+
+    def set(self, key, value, ttl=None):
+        sql, params = self._sql["set"]
+        self._cursor.execute(sql, {**params, "k": key, "val": _encode(value), "flg": 2, "ttl": ttl})
+
+    def set_many(self, mapping):
+        from psycopg2.extras import execute_values
+
+        sql, template, params = self._sql["set_values"]
+        rows = [{**params, "k": k, "val": _encode(v), "flg": 2, "ttl": None} for k, v in mapping.items()]
+        execute_values(self._cursor, sql, rows, template=template, page_size=len(rows))
+
+    def get_many(self, keys):
+        sql, params = self._sql["get_many"]
+        cursor = self._cursor
+        cursor.execute(sql, {**params, "ks": list(keys)})
+        return {row[0]: json.loads(bytes(row[1])) for row in cursor.fetchall()}
+
+    def incr(self, key):
+        sql, params = self._sql["incr"]
+        cursor = self._cursor
+        cursor.execute(sql, {**params, "k": key, "amount": 1})
+        return int(cursor.fetchone()[0])
+
+    def close(self):
+        for connection in self._all:
+            connection.close()
+
+
+class LibraryContender(Contender):
+    """This library's `Cache` (or `FastPgCache`), called exactly as an application would."""
+
+    def __init__(self, name: str, cache: Cache, workloads: set | None = None, on_close=None):
+        self.name, self.cache, self.workloads, self._on_close = name, cache, workloads, on_close
+        self.get, self.set, self.incr = cache.get, cache.set, cache.incr
+        self.set_many, self.get_many = cache.set_many, cache.get_many
+
+    def close(self):
+        if self._on_close:
+            self._on_close()
+
+
+class SessionContender(LibraryContender):
+    """`Cache(session)`: the marginal cost of cache calls inside the caller's open transaction."""
+
+    def __init__(self, engine, schema: str, table: str | None = None):
+        self._engine, self._schema, self._table = engine, schema, table
+        self.session = Session(engine)
+        self._threads = threading.local()
+        super().__init__("Cache(session)", Cache(self.session, schema=schema, table=table),
+                         on_close=self.session.close)
+
+    def worker(self):
+        local = self._threads
+        if not hasattr(local, "contender"):
+            local.contender = SessionContender(self._engine, self._schema, self._table)
+        return local.contender
+
+    def end_unit(self):
+        self.session.commit()
+
+
+class DjangoContender(Contender):
+    """Django's built-in `DatabaseCache` on the same server (its own table, in the bench schema)."""
+
+    name = "Django DatabaseCache"
+
+    def __init__(self, django_cache):
+        from django.db import connections
+
+        self._cache, self._connections = django_cache, connections
+        self.get, self.get_many, self.incr = django_cache.get, django_cache.get_many, django_cache.incr
+
+    def set(self, key, value, ttl=None):
+        self._cache.set(key, value, timeout=ttl)
+
+    def set_many(self, mapping):
+        self._cache.set_many(mapping, timeout=None)
+
+    def close(self):
+        self._connections.close_all()
+
+
+class RedisContender(Contender):
+    """redis-py against Redis, values JSON-encoded client-side as the other contenders do."""
+
+    name = "Redis"
+
+    def __init__(self, client, prefix: str):
+        self._r, self._prefix = client, prefix
+
+    def get(self, key):
+        data = self._r.get(self._prefix + key)
+        return None if data is None else json.loads(data)
+
+    def set(self, key, value, ttl=None):
+        self._r.set(self._prefix + key, _encode(value), ex=None if ttl is None else int(ttl))
+
+    def set_many(self, mapping):
+        self._r.mset({self._prefix + k: _encode(v) for k, v in mapping.items()})
+
+    def get_many(self, keys):
+        names = list(keys)
+        found = self._r.mget([self._prefix + k for k in names])
+        return {k: json.loads(v) for k, v in zip(names, found) if v is not None}
+
+    def incr(self, key):
+        return self._r.incr(self._prefix + key)
+
+    def close(self):
+        keys = list(self._r.scan_iter(match=self._prefix + "*", count=1000))
+        for start in range(0, len(keys), 1000):
+            self._r.delete(*keys[start:start + 1000])
+        self._r.close()
+
+
+# -- capturing the library's SQL for the floor -----------------------------------------------
+
+def capture_sql(engine, schema: str, table: str | None = None) -> dict:
+    """The exact SQL text and literal parameters the library sends for each operation.
+
+    The floor replays these strings, so "same statement" holds by construction
+    and no statement is written a second time outside cache.py.
+    """
+    seen: list = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        seen.append((statement, dict(parameters)))
+
+    cache = Cache(engine, schema=schema, table=table)
+    calls = {"set": lambda: cache.set("bench:capture", 1), "get": lambda: cache.get("bench:capture"),
+             "get_many": lambda: cache.get_many(["bench:capture"]), "incr": lambda: cache.incr("bench:capture:n")}
+    sql = {}
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        for name, call in calls.items():
+            seen.clear()
+            call()
+            sql[name] = seen[-1]
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+        cache.delete_many(["bench:capture", "bench:capture:n"])
+    sql["set_values"] = _values_form(*sql["set"])
+    return sql
+
+
+def _values_form(statement: str, params: dict) -> tuple[str, str, dict]:
+    # execute_values wants "... VALUES %s ..." plus the row template: split the
+    # captured single-row upsert at its VALUES tuple, which is the template.
+    match = re.search(r"VALUES (\(.*\)) ON CONFLICT", statement, re.S)
+    if not match:
+        raise RuntimeError("cannot find the VALUES list in the captured upsert")
+    return statement[:match.start(1)] + "%s" + statement[match.end(1):], match.group(1), params
+
+
+# -- workloads ---------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    """A named unit of work: `prepare(contender)` (untimed) returns the timed call `op(i)`."""
+
+    name: str
+    items: int
+    prepare: Callable[[Contender], Callable[[int], Any]]
+    threaded: bool = False
+
+
+def _keys(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}:{i}" for i in range(count)]
+
+
+def build_workloads(settings: Settings) -> list[Workload]:
+    """Every workload of issue #8, in the order the table shows them."""
+    value = sample_value(settings.value_bytes)
+    hits = _keys("hit", 200)
+
+    def get_hit(c):
+        c.set_many({k: value for k in hits})
+        c.end_unit()
+        return lambda i: c.get(hits[i % len(hits)])
+
+    def get_miss(c):
+        return lambda i: c.get(f"miss:{i}")
+
+    def set_(c):
+        return lambda i: c.set(f"set:{i % 200}", value)
+
+    def set_ttl(c):
+        return lambda i: c.set(f"ttl:{i % 200}", value, 300)
+
+    def incr(c):
+        c.set("counter", 0)
+        c.end_unit()
+        return lambda i: c.incr("counter")
+
+    def set_many(size):
+        def prepare(c):
+            mapping = {k: value for k in _keys(f"many{size}", size)}
+            return lambda i: c.set_many(mapping)
+        return prepare
+
+    def get_many(size):
+        def prepare(c):
+            keys = _keys(f"gmany{size}", size)
+            c.set_many({k: value for k in keys})
+            c.end_unit()
+            return lambda i: c.get_many(keys)
+        return prepare
+
+    workloads = [Workload("get hit", 1, get_hit), Workload("get miss", 1, get_miss),
+                 Workload("set", 1, set_), Workload("set ttl", 1, set_ttl), Workload("incr", 1, incr)]
+    for size in settings.batch_sizes:
+        workloads.append(Workload(f"set_many({size})", size, set_many(size)))
+    for size in settings.batch_sizes:
+        workloads.append(Workload(f"get_many({size})", size, get_many(size)))
+    workloads.append(Workload(f"load {settings.threads}x{settings.thread_ops}", 1, lambda c: None, threaded=True))
+    return workloads
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+class Recorder:
+    """Collects raw latencies (ns) and elapsed time per (workload, contender)."""
+
+    def __init__(self):
+        self.latencies: dict = {}
+        self.elapsed: dict = {}
+        self.calls: dict = {}
+
+    def add(self, cell: tuple, latencies: list[int], elapsed_ns: int) -> None:
+        self.latencies.setdefault(cell, []).extend(latencies)
+        self.elapsed[cell] = self.elapsed.get(cell, 0) + elapsed_ns
+        self.calls[cell] = self.calls.get(cell, 0) + len(latencies)
+
+
+def _timed_calls(op, start: int, calls: int, budget_s: float) -> tuple[list[int], int]:
+    clock = time.perf_counter_ns
+    deadline = clock() + int(budget_s * 1e9)
+    latencies = []
+    for i in range(start, start + calls):
+        before = clock()
+        op(i)
+        latencies.append(clock() - before)
+        if latencies[-1] and clock() > deadline:
+            break
+    return latencies, sum(latencies)
+
+
+def _load_run(contender: Contender, pool: ThreadPoolExecutor, settings: Settings, tag: str):
+    """The seed's load test: N threads, each `thread_ops` x (set then get) of a 100-byte JSON value."""
+    value = sample_value(settings.value_bytes)
+    barrier = threading.Barrier(settings.threads)
+
+    def thread(index: int) -> list[int]:
+        worker = contender.worker()
+        clock, latencies = time.perf_counter_ns, []
+        barrier.wait()
+        for i in range(settings.thread_ops):
+            key = f"load:{tag}:{index}:{i}"
+            before = clock()
+            worker.set(key, value)
+            middle = clock()
+            worker.get(key)
+            latencies += [middle - before, clock() - middle]
+        worker.end_unit()
+        return latencies
+
+    started = time.perf_counter_ns()
+    futures = [pool.submit(thread, index) for index in range(settings.threads)]
+    latencies = [lat for future in futures for lat in future.result()]
+    return latencies, time.perf_counter_ns() - started
+
+
+def summarise(recorder: Recorder, workloads: list[Workload], contenders: list[Contender]) -> list[Result]:
+    """Percentiles and ops/s per cell, each with its ratio to the floor of the same workload."""
+    results = []
+    for workload in workloads:
+        floor = None
+        for contender in contenders:
+            cell = (workload.name, contender.name)
+            if cell not in recorder.latencies:
+                continue
+            lat = sorted(recorder.latencies[cell])
+            result = Result(workload.name, contender.name, workload.items, len(lat), _pct(lat, 50) / 1e3,
+                            _pct(lat, 95) / 1e3, _pct(lat, 99) / 1e3, statistics.fmean(lat) / 1e3,
+                            recorder.calls[cell] / (recorder.elapsed[cell] / 1e9))
+            if contender.name == FLOOR:
+                floor = result
+            if floor is not None:
+                result.p50_vs_floor = result.p50_us / floor.p50_us
+                result.ops_vs_floor = result.ops_per_s / floor.ops_per_s
+            results.append(result)
+    return results
+
+
+def _pct(sorted_values: list[int], percent: float) -> float:
+    # Nearest-rank percentile: a reported p99 is a latency that really happened.
+    index = max(0, min(len(sorted_values) - 1, int(round(percent / 100 * len(sorted_values) + 0.5)) - 1))
+    return float(sorted_values[index])
+
+
+# -- the run -----------------------------------------------------------------------------
+
+class _Scratch:
+    """Throwaway schemas (UNLOGGED and LOGGED tables), a Django table and Redis keys for one run."""
+
+    def __init__(self, url: URL, redis_url: str | None):
+        self.url, self.redis_url = url, redis_url
+        self.run_id = uuid.uuid4().hex[:8]
+        self.schema = f"fastpgcache_bench_{self.run_id}"
+        self.logged_schema = f"{self.schema}_logged"
+        self.engine = create_engine(url)
+        self.notes: list[str] = []
+        self._cleanups: list[Callable] = []
+
+    def setup(self) -> None:
+        self._cleanups.append(self._drop_schemas)
+        setup_cache(engine=self.engine, schema=self.schema)
+        setup_cache(engine=self.engine, schema=self.logged_schema, logged=True)
+
+    def _drop_schemas(self) -> None:
+        with self.engine.begin() as connection:
+            for name in (self.schema, self.logged_schema):
+                connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+    def contenders(self, settings: Settings) -> list[Contender]:
+        """The floor first (ratios are to it), then the library, then Django and Redis when available."""
+        import psycopg2
+
+        dsn = {**self.url.translate_connect_args(username="user", database="dbname"), **self.url.query}
+        connect = lambda: psycopg2.connect(**dsn)  # noqa: E731
+        lib_only = {"get miss"}
+        logged_only = {"set", f"load {settings.threads}x{settings.thread_ops}"}
+        contenders = [
+            Psycopg2Floor(FLOOR, connect, capture_sql(self.engine, self.schema)),
+            self._client("FastPgCache", self.schema, settings),
+            self._client("FastPgCache, guard off", self.schema, settings, lib_only, use_cuckoo_filter=False),
+            SessionContender(self.engine, self.schema),
+        ]
+        contenders += [c for c in (self._django(), self._redis()) if c is not None]
+        contenders += [
+            Psycopg2Floor(f"{FLOOR} LOGGED", connect, capture_sql(self.engine, self.logged_schema), logged_only),
+            self._client("FastPgCache LOGGED", self.logged_schema, settings, logged_only),
+        ]
+        self._cleanups[:0] = [c.close for c in contenders]
+        return contenders
+
+    def _client(self, name, schema, settings, workloads=None, **options) -> LibraryContender:
+        client = FastPgCache(url=self.url, schema=schema, maxconn=settings.threads, **options)
+        return LibraryContender(name, client, workloads, on_close=client.close)
+
+    def _django(self) -> Contender | None:
+        table = f"django_cache_{self.run_id}"
+        with self.engine.begin() as connection:
+            connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{DJANGO_SCHEMA}"'))
+        self._cleanups.append(lambda: self._drop_django_table(table))
+        try:
+            django_cache = _django_cache(self.url, table)
+        except ImportError:
+            self.notes.append("Django is not installed (pip install 'fastpgcache[django]'): skipped")
+            return None
+        except RuntimeError as error:
+            self.notes.append(f"Django DatabaseCache skipped: {error}")
+            return None
+        return DjangoContender(django_cache)
+
+    def _drop_django_table(self, table: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(text(f'DROP TABLE IF EXISTS "{DJANGO_SCHEMA}"."{table}"'))
+        with self.engine.begin() as connection:
+            # Another run in progress keeps its table, and then the schema stays.
+            if connection.execute(text("SELECT count(*) FROM pg_tables WHERE schemaname = :s"),
+                                  {"s": DJANGO_SCHEMA}).scalar() == 0:
+                connection.execute(text(f'DROP SCHEMA IF EXISTS "{DJANGO_SCHEMA}"'))
+
+    def _redis(self) -> Contender | None:
+        if not self.redis_url:
+            self.notes.append("Redis not measured: pass --redis URL to compare")
+            return None
+        try:
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
+            client.ping()
+        except ImportError:
+            self.notes.append("redis-py is not installed (pip install 'fastpgcache[bench]'): Redis skipped")
+            return None
+        except Exception as error:  # any failure to reach Redis only drops that contender
+            self.notes.append(f"Redis at the given URL did not answer ({type(error).__name__}): skipped")
+            return None
+        return RedisContender(client, f"fastpgcache_bench:{self.run_id}:")
+
+    def close(self) -> None:
+        """Close every client and drop everything the run created, even when one step fails."""
+        failure = None
+        for cleanup in self._cleanups:
+            try:
+                cleanup()
+            except Exception as error:  # keep cleaning; report the first failure at the end
+                failure = failure or error
+        self.engine.dispose()
+        if failure is not None:
+            raise failure
+
+
+DJANGO_SCHEMA = "fastpgcache_bench_django"
+"""Django's tables live here: its search_path is fixed when settings are configured, once per process."""
+
+_django_database: dict | None = None
+
+
+def _django_cache(url: URL, table: str):
+    """A DatabaseCache on its own table, configuring Django in-process on first use."""
+    global _django_database
+    import django
+    from django.conf import settings
+    from django.core.cache.backends.db import DatabaseCache
+
+    database = {"ENGINE": "django.db.backends.postgresql", "NAME": url.database or "postgres",
+                "USER": url.username or "", "PASSWORD": url.password or "", "HOST": url.host or "",
+                "PORT": str(url.port or ""), "OPTIONS": {"options": f"-c search_path={DJANGO_SCHEMA}"}}
+    if not settings.configured:
+        settings.configure(DATABASES={"default": database}, USE_TZ=True, INSTALLED_APPS=[])
+        django.setup()
+        _django_database = database
+    elif _django_database != database:
+        raise RuntimeError("Django settings are already configured for another database in this process")
+    cache = DatabaseCache(table, {"TIMEOUT": None, "OPTIONS": {"MAX_ENTRIES": 10_000_000}})
+    _create_django_table(table)
+    return cache
+
+
+def _create_django_table(name: str) -> None:
+    # Django's own createcachetable logic, for a table that is not in settings.CACHES.
+    from django.core.management.commands.createcachetable import Command
+
+    command = Command()
+    command.verbosity = 0
+    command.create_table("default", name, dry_run=False)
+
+
+def run_bench(url: str | URL | None = None, *, redis_url: str | None = None, settings: Settings | None = None,
+              progress: bool = True) -> Report:
+    """Run every workload against every contender, interleaved, and return the report.
+
+    With no `url` a throwaway embedded PostgreSQL is started (and stopped)::
+
+        report = run_bench(settings=Settings.quick())
+        report.result("get hit", "FastPgCache").p50_vs_floor   # e.g. 1.1
+    """
+    settings = settings or Settings()
+    server = None
+    if url is None:
+        from .embedded import EmbeddedPostgres
+
+        server = EmbeddedPostgres().start()
+        url = server.url
+    scratch = _Scratch(build_url(url=url), redis_url)
+    try:
+        scratch.setup()
+        contenders = scratch.contenders(settings)
+        workloads = build_workloads(settings)
+        recorder = _measure(contenders, workloads, settings, progress)
+        report = Report(meta=_meta(scratch, settings, server is not None), notes=scratch.notes)
+        report.results = summarise(recorder, workloads, contenders)
+        report.goals = goals(report, settings)
+        return report
+    finally:
+        scratch.close()
+        if server is not None:
+            server.stop()
+
+
+def _measure(contenders, workloads, settings: Settings, progress: bool) -> Recorder:
+    """Warm every cell up once (untimed), then run the rounds with the contender order rotating."""
+    from tqdm import tqdm
+
+    cells = [(w, c) for w in workloads for c in contenders if c.runs(w.name)]
+    recorder = Recorder()
+    with ThreadPoolExecutor(settings.threads) as pool, \
+            tqdm(total=len(cells) * (settings.rounds + 1), desc="fastpgcache bench", unit="cell",
+                 disable=not progress, leave=False) as bar:
+        ops = {}
+        for workload, contender in cells:
+            ops[workload.name, contender.name] = _warm(workload, contender, pool, settings)
+            bar.update()
+        for round_index in range(settings.rounds):
+            for workload in workloads:
+                shift = round_index % len(contenders)
+                for contender in contenders[shift:] + contenders[:shift]:
+                    if not contender.runs(workload.name):
+                        continue
+                    cell = (workload.name, contender.name)
+                    if workload.threaded:
+                        recorder.add(cell, *_load_run(contender, pool, settings, f"r{round_index}"))
+                    else:
+                        start = (round_index + 1) * settings.calls
+                        recorder.add(cell, *_timed_calls(ops[cell], start, settings.calls, settings.budget_s))
+                    contender.end_unit()
+                    bar.update()
+    return recorder
+
+
+def _warm(workload: Workload, contender: Contender, pool, settings: Settings):
+    # Opens connections, fills prepared-statement and plan caches, creates the rows reads need.
+    if workload.threaded:
+        _load_run(contender, pool, settings, "warm")
+        return None
+    op = workload.prepare(contender)
+    _timed_calls(op, 0, 1 if workload.items >= 100 else 3, settings.budget_s)
+    contender.end_unit()
+    return op
+
+
+def _meta(scratch: _Scratch, settings: Settings, embedded: bool) -> dict:
+    import psycopg2
+    import sqlalchemy
+
+    with scratch.engine.connect() as connection:
+        server = connection.execute(text("SHOW server_version")).scalar()
+        fsync = connection.execute(text("SHOW fsync")).scalar()
+        sync_commit = connection.execute(text("SHOW synchronous_commit")).scalar()
+    return {"server": f"PostgreSQL {server}" + (" (embedded)" if embedded else ""),
+            "fsync": fsync, "synchronous_commit": sync_commit, "python": platform.python_version(),
+            "sqlalchemy": sqlalchemy.__version__, "psycopg2": psycopg2.__version__.split()[0],
+            "machine": f"{platform.machine()}, {_cpu_count()} CPUs", "redis": bool(scratch.redis_url and not any(
+                "Redis" in note for note in scratch.notes)),
+            "settings": asdict(settings), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def _cpu_count() -> int:
+    import os
+
+    return os.cpu_count() or 1
+
+
+# -- goals ----------------------------------------------------------------------------------
+
+LIB = "FastPgCache"
+
+
+def goals(report: Report, settings: Settings) -> list[Goal]:
+    """The speed goals of issues #3 and #8 as ratios from this run (None: not measured here)."""
+    load = f"load {settings.threads}x{settings.thread_ops}"
+    p50 = lambda w, c: _field(report, w, c, "p50_us")  # noqa: E731
+    ops = lambda w, c: _field(report, w, c, "ops_per_s")  # noqa: E731
+    return [
+        _goal("get hit p50, FastPgCache / psycopg2", _div(p50("get hit", LIB), p50("get hit", FLOOR)), "<=", 1.25),
+        _goal("set p50, FastPgCache / psycopg2", _div(p50("set", LIB), p50("set", FLOOR)), "<=", 1.25),
+        _goal("set_many(1000) p50, FastPgCache / psycopg2 execute_values",
+              _div(p50("set_many(1000)", LIB), p50("set_many(1000)", FLOOR)), "<=", 2),
+        _goal("1000 x set() p50 / one set_many(1000) p50, FastPgCache",
+              _div(_times(p50("set", LIB), 1000), p50("set_many(1000)", LIB)), ">=", 15),
+        _goal("get_many(100) p50 / get hit p50, FastPgCache",
+              _div(p50("get_many(100)", LIB), p50("get hit", LIB)), "<", 3),
+        _goal(f"{load} throughput, shared FastPgCache / psycopg2 connection per thread",
+              _div(ops(load, LIB), ops(load, FLOOR)), ">=", 0.8),
+        _goal("get hit throughput, FastPgCache / Django DatabaseCache",
+              _div(ops("get hit", LIB), ops("get hit", "Django DatabaseCache")), ">=", 3),
+        _goal("set throughput, FastPgCache / Django DatabaseCache",
+              _div(ops("set", LIB), ops("set", "Django DatabaseCache")), ">=", 3),
+        _goal("set_many(1000) p50, FastPgCache / Redis MSET",
+              _div(p50("set_many(1000)", LIB), p50("set_many(1000)", "Redis")), "<=", 1.5),
+        _goal("set p50, FastPgCache LOGGED / UNLOGGED (information)",
+              _div(p50("set", f"{LIB} LOGGED"), p50("set", LIB)), None, None),
+        _goal(f"{load} throughput, FastPgCache UNLOGGED / LOGGED (information)",
+              _div(ops(load, LIB), ops(load, f"{LIB} LOGGED")), None, None),
+    ]
+
+
+def _field(report: Report, workload: str, contender: str, name: str) -> float | None:
+    result = report.result(workload, contender)
+    return None if result is None else getattr(result, name)
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _times(a: float | None, factor: float) -> float | None:
+    return None if a is None else a * factor
+
+
+def _goal(name: str, ratio: float | None, op: str | None, target: float | None) -> Goal:
+    checks = {"<=": lambda r: r <= target, "<": lambda r: r < target, ">=": lambda r: r >= target}
+    met = None if ratio is None or op is None else checks[op](ratio)
+    return Goal(name, ratio, f"{op} {target:g}" if op else "-", met)
+
+
+# -- output ---------------------------------------------------------------------------------
+
+def format_table(report: Report) -> str:
+    """The results as a fixed-width text table, then the goals, then the notes."""
+    head = f"{'workload':<17} {'contender':<24} {'p50 µs':>9} {'p95 µs':>9} {'p99 µs':>9} {'ops/s':>9} {'p50 x floor':>11}"
+    lines = [f"{report.meta['server']}, fsync={report.meta['fsync']}, {report.meta['machine']}", "", head,
+             "-" * len(head)]
+    previous = None
+    for r in report.results:
+        if previous and previous != r.workload:
+            lines.append("")
+        previous = r.workload
+        ratio = "" if r.p50_vs_floor is None else f"{r.p50_vs_floor:.2f}"
+        lines.append(f"{r.workload:<17} {r.contender:<24} {r.p50_us:>9.1f} {r.p95_us:>9.1f} {r.p99_us:>9.1f} "
+                     f"{r.ops_per_s:>9.0f} {ratio:>11}")
+    lines += ["", "goals (ratios from this run):"]
+    for g in report.goals:
+        verdict = {True: "met", False: "MISSED", None: ""}[g.met]
+        ratio = "n/a" if g.ratio is None else f"{g.ratio:.2f}"
+        lines.append(f"  {g.goal:<72} {ratio:>7} {g.target:>7} {verdict}")
+    lines += [f"note: {note}" for note in report.notes]
+    return "\n".join(lines)
+
+
+def write_json(report: Report, path: str) -> None:
+    """Write the whole report (meta, every cell, goals, notes) as indented JSON."""
+    with open(path, "w") as handle:
+        json.dump(report.to_dict(), handle, indent=2)
+        handle.write("\n")
+
+
+def plot(report: Report, path: str) -> None:
+    """Draw p50 (bar) and p95 (whisker) per workload and contender, log scale, into a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'fastpgcache[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r.workload for r in report.results))
+    contenders = list(dict.fromkeys(r.contender for r in report.results))
+    height = 0.8 / len(contenders)
+    figure, axes = plt.subplots(figsize=(11, 0.55 * len(workloads) * max(2, len(contenders) / 2.5)))
+    for index, contender in enumerate(contenders):
+        rows = [(workloads.index(r.workload), r) for r in report.results if r.contender == contender]
+        y = [pos + index * height for pos, _ in rows]
+        p50 = [r.p50_us for _, r in rows]
+        spread = [[0] * len(rows), [r.p95_us - r.p50_us for _, r in rows]]
+        axes.barh(y, p50, height=height, xerr=spread, label=contender, capsize=2)
+    axes.set_yticks([pos + 0.4 - height / 2 for pos in range(len(workloads))], workloads)
+    axes.invert_yaxis()
+    axes.set_xscale("log")
+    axes.set_xlabel("latency per call, µs (bar p50, whisker p95; log scale)")
+    axes.set_title(f"fastpgcache bench: {report.meta['server']}, {report.meta['machine']}")
+    axes.legend(loc="lower right", fontsize="small")
+    axes.grid(axis="x", which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
