@@ -329,21 +329,21 @@ def test_cleanup_deletes_expired_rows_in_batches(engine, schema, cache):
     cache.set_many({f"live{i}": i for i in range(10)}, ttl=3600)
     cache.set("forever", 1)
     time.sleep(0.3)
-    assert cache.stats() == {"entries": 11, "expired": 250}
+    assert (cache.stats()["entries"], cache.stats()["expired"]) == (11, 250)
     statements = []
-    from sqlalchemy import event
+    run_one = cache._execute
 
-    def count(conn, cursor, statement, *args):
-        if statement.lstrip().upper().startswith("DELETE"):
-            statements.append(statement)
+    def count(statement, params, consume):
+        statements.append(statement)
+        return run_one(statement, params, consume)
 
-    event.listen(engine, "before_cursor_execute", count)
+    cache._execute = count
     try:
         assert cache.cleanup(batch_size=100) == 250
     finally:
-        event.remove(engine, "before_cursor_execute", count)
+        del cache._execute
     assert len(statements) == 3  # 100 + 100 + 50: bounded batches, not one giant DELETE
-    assert cache.stats() == {"entries": 11, "expired": 0}
+    assert (cache.stats()["entries"], cache.stats()["expired"]) == (11, 0)
     assert cache.cleanup() == 0
     with pytest.raises(ValueError, match="batch_size"):
         cache.cleanup(batch_size=0)
@@ -384,7 +384,7 @@ def test_cached_decorator(cache):
 
 
 def test_bad_bind_and_user_id(engine):
-    with pytest.raises(TypeError, match="Session, Connection or Engine"):
+    with pytest.raises(TypeError, match="Session, .*Connection or Engine"):
         Cache("postgresql://x")
     for user_id in ("", "a\x00b", 5):
         with pytest.raises(ValueError, match="user_id"):

@@ -20,7 +20,8 @@ def client(pg_url, schema):
 def test_seed_constructor_parts(pg_url, schema):
     url = make_url(pg_url)
     with FastPgCache(host=url.host, port=url.port or 5432, database=url.database, user=url.username,
-                     password=url.password or "", schema=schema, minconn=2, maxconn=3) as cache:
+                     password=url.password or "", schema=schema, minconn=2, maxconn=3,
+                     use_cuckoo_filter=False) as cache:
         cache.set("k", "v")
         assert cache.get("k") == "v"
         assert cache.bind.pool.size() == 3
@@ -76,7 +77,7 @@ def test_missing_table_raises_setup_hint(pg_url):
 
 
 def test_close_disposes_pool_and_context_manager(pg_url, schema):
-    cache = FastPgCache(url=pg_url, schema=schema, minconn=2)
+    cache = FastPgCache(url=pg_url, schema=schema, minconn=2, use_cuckoo_filter=False)
     assert cache.bind.pool.checkedin() == 2
     cache.close()
     assert cache.bind.pool.checkedin() == 0
