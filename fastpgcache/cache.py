@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
 from . import codec
 from .errors import translate
@@ -181,6 +181,12 @@ class _Statements:
                   "expires_at": case((expired, None), else_=t.c.expires_at)},
             where=or_(expired, t.c.flags.in_([codec.TEXT, codec.JSON])),
         ).returning(func.convert_from(t.c.value, "UTF8"))
+        # incr(create=False), as Django's incr: no row back means missing; NULL back means not a number.
+        numeric = t.c.flags.in_([codec.TEXT, codec.JSON])
+        added = func.convert_to(cast(cast(func.convert_from(t.c.value, "UTF8"), BigInteger) + amount, Text), "UTF8")
+        self.incr_existing = (update(t).where(mine, key, live)
+                              .values(value=case((numeric, added), else_=t.c.value))
+                              .returning(case((numeric, func.convert_from(t.c.value, "UTF8")))))
 
         matches = t.c.key.op("~")(bindparam("regex", type_=Text))
         self.keys = select(t.c.key).where(mine, live, matches).order_by(t.c.key)
@@ -233,7 +239,8 @@ class Cache:
         cache.ttl("user:1")          # 3600
     """
 
-    _bind_types: tuple = (Session, Connection, Engine)
+    # scoped_session: Flask-SQLAlchemy's db.session, so cache writes join the request's transaction.
+    _bind_types: tuple = (Session, scoped_session, Connection, Engine)
 
     def __init__(self, bind, *, schema: str | None = None, table: str | None = None,
                  user_id: str | None = None, pickle: bool = False):
@@ -283,7 +290,7 @@ class Cache:
         try:
             if isinstance(self.bind, Engine):
                 return self._execute_on_engine(statement, params, consume)
-            connection = self.bind.connection() if isinstance(self.bind, Session) else self.bind
+            connection = self.bind.connection() if isinstance(self.bind, (Session, scoped_session)) else self.bind
             return consume(connection.execute(statement, params, execution_options=self._options))
         except sa_exc.DBAPIError as error:
             raise translate(error, self._where) from error
@@ -370,10 +377,11 @@ class Cache:
         return (yield self._s.persist, {"k": normalize_key(key)}, _returned_any)
 
     @operation
-    def incr(self, key, amount: int = 1) -> int:
+    def incr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
         """Add `amount` to the integer at `key` in one atomic statement; a missing key starts at 0.
 
-        The ttl is kept. Raises ValueError if the stored value is not an integer::
+        The ttl is kept. Raises ValueError if the stored value is not an integer.
+        `create=False` leaves a missing key missing and returns None (Django's incr)::
 
             cache.incr("hits")        # 1
             cache.incr("hits", 10)    # 11
@@ -381,7 +389,8 @@ class Cache:
         if not isinstance(amount, int) or isinstance(amount, bool):
             raise TypeError(f"amount must be an int, not {type(amount).__name__}")
         try:
-            result = yield self._s.incr, {"k": normalize_key(key), "amount": amount}, _scalars
+            statement = self._s.incr if create else self._s.incr_existing
+            result = yield statement, {"k": normalize_key(key), "amount": amount}, _scalars
         except sa_exc.DBAPIError as error:
             state = getattr(error.orig, "pgcode", None) or getattr(error.orig, "sqlstate", None)
             if state == "22003":
@@ -389,13 +398,15 @@ class Cache:
             if state == "22P02":
                 raise ValueError(f"the value at {key!r} is not an integer") from None
             raise
-        if not result:
+        if not result and not create:
+            return None
+        if not result or result[0] is None:
             raise ValueError(f"the value at {key!r} is not an integer")
         return int(result[0])
 
-    def decr(self, key, amount: int = 1) -> int:
+    def decr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
         """Subtract `amount` from the integer at `key`; see `incr`."""
-        return self.incr(key, _negate(amount))
+        return self.incr(key, _negate(amount), create=create)
 
     # -- batches -----------------------------------------------------------------------
 

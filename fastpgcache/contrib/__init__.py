@@ -1,0 +1,32 @@
+"""Framework backends (Django, Flask), and the one Engine per URL they share within a process."""
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL, Engine
+
+from ..client import build_url
+
+_engines: dict[tuple, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def shared_engine(url: str | URL, engine_options: dict | None = None) -> Engine:
+    """The process's Engine for `url` (and `engine_options`), created on first use.
+
+    Frameworks build a cache backend per thread (Django) or per app (Flask);
+    sharing one Engine keeps them on one connection pool::
+
+        engine = shared_engine("postgresql://app@db/app", {"pool_size": 5})
+    """
+    options = dict(engine_options or {})
+    target = build_url(url=url)
+    if target.get_backend_name() != "postgresql":
+        raise ValueError(f"fastpgcache needs a PostgreSQL URL, got a {target.get_backend_name()!r} one")
+    identity = (target.render_as_string(hide_password=False), repr(sorted(options.items())))
+    with _engines_lock:
+        engine = _engines.get(identity)
+        if engine is None:
+            engine = _engines[identity] = create_engine(target, **options)
+        return engine

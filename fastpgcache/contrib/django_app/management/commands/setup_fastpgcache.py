@@ -1,0 +1,55 @@
+"""`manage.py setup_fastpgcache`: create or upgrade the table of every fastpgcache cache in CACHES."""
+from django.conf import settings
+from django.core.cache import caches
+from django.core.management.base import BaseCommand, CommandError
+
+from fastpgcache.admin import cache_status, setup_cache
+from fastpgcache.errors import CacheError
+from fastpgcache.contrib.django import FastPgCache
+
+
+class Command(BaseCommand):
+    help = ("Create or upgrade the fastpgcache table of each CACHES entry using fastpgcache "
+            "(through its migrations; safe to run again). Run it as a role that may create tables.")
+
+    def add_arguments(self, parser):
+        parser.add_argument("aliases", nargs="*", metavar="alias", help="cache aliases (default: all fastpgcache ones)")
+        persistence = parser.add_mutually_exclusive_group()
+        persistence.add_argument("--logged", dest="logged", action="store_const", const=True,
+                                 help="make the table LOGGED (survives crashes, slower writes)")
+        persistence.add_argument("--unlogged", dest="logged", action="store_const", const=False,
+                                 help="make the table UNLOGGED (the default for a new table)")
+        parser.add_argument("--grant-to", metavar="ROLE", help="grant use of the cache to ROLE instead of PUBLIC")
+        parser.add_argument("--check", action="store_true", help="only report; fail if a table is not set up")
+
+    def handle(self, *args, aliases=(), logged=None, grant_to=None, check=False, **options):
+        backends = {alias: self._backend(alias, explicit=bool(aliases)) for alias in aliases or settings.CACHES}
+        backends = {alias: backend for alias, backend in backends.items() if backend is not None}
+        if not backends:
+            raise CommandError("no cache in CACHES uses fastpgcache.contrib.django.FastPgCache")
+        for alias, backend in backends.items():
+            store = backend.store
+            try:
+                status = (cache_status(store.bind, store.schema, store.table) if check else
+                          setup_cache(engine=store.bind, schema=store.schema, table=store.table, logged=logged,
+                                      grant_to=grant_to))
+            except CacheError as error:
+                raise CommandError(f"cache {alias!r}: {error}") from None
+            if not status["revision"]:
+                raise CommandError(f"cache {alias!r}: {store.schema}.{store.table} is not set up; "
+                                   "run `manage.py setup_fastpgcache`")
+            kind = "UNLOGGED" if status["unlogged"] else "LOGGED"
+            self.stdout.write(f"cache {alias!r}: {store.schema}.{store.table} ready ({kind}, "
+                              f"revision {status['revision']})")
+
+    @staticmethod
+    def _backend(alias: str, explicit: bool):
+        # Named aliases must be fastpgcache caches; without names, other backends are skipped.
+        if alias not in settings.CACHES:
+            raise CommandError(f"no cache {alias!r} in CACHES (have: {', '.join(settings.CACHES)})")
+        backend = caches[alias]
+        if isinstance(backend, FastPgCache):
+            return backend
+        if explicit:
+            raise CommandError(f"cache {alias!r} does not use fastpgcache.contrib.django.FastPgCache")
+        return None

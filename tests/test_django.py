@@ -1,0 +1,552 @@
+"""The Django backend against a real PostgreSQL: the generic behaviours every Django cache backend
+shows (Django's BaseCacheTests) that apply to a shared, persistent cache, plus setup and configuration."""
+from __future__ import annotations
+
+import asyncio
+import io
+import pickle
+import threading
+import time
+import uuid
+import warnings
+import zlib
+
+import pytest
+from sqlalchemy import text
+
+from fastpgcache import setup_cache
+
+django = pytest.importorskip("django")
+
+from django.conf import settings  # noqa: E402
+from django.core import signals  # noqa: E402
+from django.core.cache.backends.base import CacheKeyWarning, InvalidCacheKey  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.core.management import CommandError, call_command  # noqa: E402
+
+from fastpgcache.contrib.django import FastPgCache  # noqa: E402
+
+BACKEND = "fastpgcache.contrib.django.FastPgCache"
+
+
+def reversed_key(key, key_prefix, version):
+    """A KEY_FUNCTION different from Django's default."""
+    return f"CUSTOM-{key_prefix}-{version}-{key}"[::-1]
+
+
+@pytest.fixture(scope="module")
+def django_schemas(engine, pg_url):
+    """Django configured once: several aliases on one cache table, and one alias whose table does not exist yet."""
+    shared, fresh = f"dj_{uuid.uuid4().hex[:10]}", f"djnew_{uuid.uuid4().hex[:10]}"
+    setup_cache(engine=engine, schema=shared)
+
+    def alias(**extra):
+        return {"BACKEND": BACKEND, "LOCATION": pg_url, "OPTIONS": {"schema": shared}, **extra}
+
+    caches = {
+        "default": alias(),
+        "prefix": alias(KEY_PREFIX="cacheprefix"),
+        "v2": alias(VERSION=2),
+        "custom_key": alias(KEY_FUNCTION=reversed_key),
+        "custom_key2": alias(KEY_FUNCTION=f"{__name__}.reversed_key"),
+        "short": alias(TIMEOUT=1),
+        "forever": alias(TIMEOUT=None),
+        "fresh": {"BACKEND": BACKEND, "LOCATION": pg_url, "OPTIONS": {"schema": fresh}},
+        "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    }
+    if not settings.configured:
+        settings.configure(CACHES=caches, INSTALLED_APPS=["fastpgcache.contrib.django_app"], USE_TZ=True)
+        django.setup()
+    yield shared, fresh
+    with engine.begin() as connection:
+        for name in (shared, fresh):
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
+@pytest.fixture
+def caches(django_schemas):
+    from django.core.cache import caches
+
+    yield caches
+    caches["default"].clear()
+
+
+@pytest.fixture
+def cache(caches):
+    return caches["default"]
+
+
+# -- basic operations ------------------------------------------------------------------
+
+def test_set_get_and_stored_none_is_a_value(cache):
+    cache.set("key", "value")
+    assert cache.get("key") == "value"
+    cache.set("none", None)
+    assert cache.get("none", "default") is None
+    assert cache.has_key("none")
+    assert cache.get("missing") is None
+    assert cache.get("missing", "default") == "default"
+
+
+def test_add_only_when_absent(cache):
+    assert cache.add("addkey1", "value") is True
+    assert cache.add("addkey1", "newvalue") is False
+    assert cache.get("addkey1") == "value"
+
+
+def test_prefixes_keep_caches_apart(caches):
+    caches["default"].set("somekey", "value")
+    assert not caches["prefix"].has_key("somekey")
+    caches["prefix"].set("somekey", "other")
+    assert caches["default"].get("somekey") == "value"
+    assert caches["prefix"].get("somekey") == "other"
+
+
+def test_get_many_returns_only_found_keys_and_accepts_iterators(cache):
+    cache.set_many({"a": "a", "b": "b", "c": "c", "d": "d"})
+    assert cache.get_many(["a", "c", "d"]) == {"a": "a", "c": "c", "d": "d"}
+    assert cache.get_many(["a", "b", "e"]) == {"a": "a", "b": "b"}
+    assert cache.get_many(iter(["a", "b", "e"])) == {"a": "a", "b": "b"}
+    cache.set_many({"x": None, "y": 1})
+    assert cache.get_many(["x", "y"]) == {"x": None, "y": 1}
+
+
+def test_delete_reports_whether_a_key_was_there(cache):
+    cache.set_many({"key1": "spam", "key2": "eggs"})
+    assert cache.delete("key1") is True
+    assert cache.get("key1") is None
+    assert cache.get("key2") == "eggs"
+    assert cache.delete("key1") is False
+
+
+def test_has_key_and_in(cache):
+    cache.set("hello1", "goodbye1")
+    assert cache.has_key("hello1")
+    assert "hello1" in cache
+    assert not cache.has_key("goodbye1")
+    assert "goodbye1" not in cache
+
+
+def test_incr_and_decr_are_atomic_and_keep_missing_keys_missing(cache):
+    cache.set("answer", 41)
+    assert cache.incr("answer") == 42
+    assert cache.get("answer") == 42
+    assert cache.incr("answer", 10) == 52
+    assert cache.incr("answer", -10) == 42
+    assert cache.decr("answer") == 41
+    assert cache.decr("answer", -10) == 51
+    for operation in (cache.incr, cache.decr):
+        with pytest.raises(ValueError, match="not found"):
+            operation("does_not_exist")
+        with pytest.raises(ValueError):
+            operation("does_not_exist", -1)
+    assert not cache.has_key("does_not_exist")
+    cache.set("null", None)
+    cache.set("word", "forty")
+    cache.set("object", {1, 2})
+    for key in ("null", "word", "object"):
+        with pytest.raises(TypeError):
+            cache.incr(key)
+        with pytest.raises(TypeError):
+            cache.decr(key)
+    assert cache.get("object") == {1, 2}
+
+
+def test_incr_keeps_the_timeout(cache):
+    cache.set("counter", 1, timeout=100)
+    cache.incr("counter")
+    assert 98 <= cache.store.ttl(cache.make_key("counter")) <= 100
+
+
+def test_incr_from_many_threads_loses_no_update(cache):
+    cache.set("hits", 0)
+
+    def hit():
+        for _ in range(25):
+            cache.incr("hits")
+
+    threads = [threading.Thread(target=hit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert cache.get("hits") == 100
+
+
+class Point:
+    """A plain object: only a pickling backend can store it."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __eq__(self, other):
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+
+def test_values_of_any_picklable_type_round_trip(cache):
+    values = {
+        "string": "this is a string",
+        "int": 42,
+        "bool": True,
+        "float": 1.5,
+        "list": [1, 2, 3, 4],
+        "tuple": ("a", 1),
+        "set": {1, 2},
+        "dict": {"A": 1, "B": 2, 3: (4,)},
+        "function": reversed_key,
+        "class": Point,
+        "object": Point(1, 2),
+    }
+    cache.set("data", values)
+    assert cache.get("data") == values
+    for key, value in values.items():
+        cache.set(key, value)
+        assert cache.get(key) == value and type(cache.get(key)) is type(value)
+
+
+def test_unicode_keys_and_values(cache):
+    stuff = {
+        "ascii": "ascii_value",
+        "unicode_ascii": "Iñtërnâtiônàlizætiøn1",
+        "Iñtërnâtiônàlizætiøn": "Iñtërnâtiônàlizætiøn2",
+        "ascii2": {"x": 1},
+        "クッキー": "日本語 🍪",
+    }
+    for key, value in stuff.items():
+        cache.set(key, value)
+        assert cache.get(key) == value
+        assert cache.delete(key)
+        assert cache.add(key, value)
+        assert cache.get(key) == value
+    cache.delete_many(stuff)
+    cache.set_many(stuff)
+    assert cache.get_many(stuff) == stuff
+
+
+def test_binary_strings(cache):
+    compressed = zlib.compress(b"value to be compressed" * 100)
+    for store in (cache.set, cache.add):
+        cache.delete("binary")
+        store("binary", compressed)
+        assert zlib.decompress(cache.get("binary")) == b"value to be compressed" * 100
+    cache.set_many({"binary1": compressed})
+    assert cache.get_many(["binary1"]) == {"binary1": compressed}
+
+
+def test_large_values(cache):
+    big = bytes(range(256)) * 20_000  # 5 MB
+    cache.set("big", {"payload": big})
+    assert cache.get("big")["payload"] == big
+
+
+def test_unpicklable_values_raise_pickle_errors(cache):
+    class Unpicklable:
+        def __getstate__(self):
+            raise pickle.PickleError("no")
+
+    with pytest.raises(pickle.PickleError):
+        cache.set("unpicklable", Unpicklable())
+    with pytest.raises(pickle.PickleError):
+        cache.add("unpicklable", Unpicklable())
+    assert not cache.has_key("unpicklable")
+
+
+# -- batches and clear ---------------------------------------------------------------------
+
+def test_set_many_returns_no_failed_keys_and_empty_data_is_fine(cache):
+    assert cache.set_many({"key1": "spam", "key2": "eggs"}) == []
+    assert cache.get_many(["key1", "key2"]) == {"key1": "spam", "key2": "eggs"}
+    assert cache.set_many({}) == []
+
+
+def test_set_many_timeout(cache):
+    cache.set_many({"key1": "spam", "key2": "eggs"}, 100)
+    assert 99 <= cache.store.ttl(cache.make_key("key2")) <= 100
+    cache.set_many({"key1": "spam"}, None)
+    assert cache.store.ttl(cache.make_key("key1")) == -1
+
+
+def test_delete_many(cache):
+    cache.set_many({"key1": "spam", "key2": "eggs", "key3": "ham"})
+    cache.delete_many(["key1", "key2"])
+    assert cache.get_many(["key1", "key2", "key3"]) == {"key3": "ham"}
+    cache.delete_many([])  # nothing to do, and no error
+    cache.delete_many(["nonexistent"])
+    assert cache.get("key3") == "ham"
+
+
+def test_clear_removes_every_prefix_and_version(caches):
+    caches["default"].set("key1", "spam")
+    caches["prefix"].set("key2", "eggs")
+    caches["v2"].set("key3", "ham")
+    caches["default"].clear()
+    assert caches["default"].get("key1") is None
+    assert caches["prefix"].get("key2") is None
+    assert caches["v2"].get("key3") is None
+
+
+def test_never_culls_however_many_entries(cache):
+    cache.set_many({f"cull{i}": i for i in range(400)})  # more than Django's default MAX_ENTRIES of 300
+    assert len(cache.get_many([f"cull{i}" for i in range(400)])) == 400
+
+
+# -- timeouts ------------------------------------------------------------------------------
+
+def test_expiration(cache):
+    cache.set("expire1", "very quickly", 0.3)
+    cache.set("expire2", "very quickly", 0.3)
+    cache.set("expire3", "very quickly", 0.3)
+    time.sleep(0.5)
+    assert cache.get("expire1") is None
+    assert cache.add("expire2", "newvalue") is True
+    assert cache.get("expire2") == "newvalue"
+    assert not cache.has_key("expire3")
+    with pytest.raises(ValueError):
+        cache.incr("expire3")
+
+
+def test_default_timeout_comes_from_settings(caches):
+    caches["default"].set("k", 1)
+    assert 299 <= caches["default"].store.ttl(caches["default"].make_key("k")) <= 300
+    caches["forever"].set("k2", 1)
+    assert caches["forever"].store.ttl(caches["forever"].make_key("k2")) == -1
+    caches["short"].set("k3", 1)
+    assert caches["short"].store.ttl(caches["short"].make_key("k3")) == 1
+
+
+def test_forever_timeout(cache):
+    cache.set("key1", "eggs", None)
+    assert cache.get("key1") == "eggs"
+    assert cache.store.ttl(cache.make_key("key1")) == -1
+    assert cache.add("key2", "ham", None) is True
+    assert cache.add("key1", "new eggs", None) is False
+    assert cache.get("key1") == "eggs"
+    cache.set_many({"key3": "sausage", "key4": "lobster bisque"}, None)
+    assert cache.get("key4") == "lobster bisque"
+    cache.set("key5", "belgian fries", timeout=1)
+    assert cache.touch("key5", timeout=None) is True
+    assert cache.store.ttl(cache.make_key("key5")) == -1
+    assert cache.touch("key5", timeout=None) is True  # already persistent: still touched
+
+
+def test_zero_and_negative_timeouts_expire_at_once(cache):
+    for timeout in (0, -1):
+        cache.set("key1", "eggs", timeout)
+        assert cache.get("key1") is None
+        assert cache.add("key2", "ham", timeout) is True
+        assert cache.get("key2") is None
+        cache.set_many({"key3": "sausage", "key4": "lobster bisque"}, timeout)
+        assert cache.get_many(["key3", "key4"]) == {}
+        cache.set("key5", "belgian fries", timeout=1)
+        assert cache.touch("key5", timeout=timeout) is True
+        assert cache.get("key5") is None
+    cache.set("old", "value")
+    cache.set("old", "replaced", 0)
+    assert not cache.has_key("old")
+    cache.set("kept", "value")
+    assert cache.add("kept", "other", 0) is False
+    assert cache.get("kept") == "value"
+
+
+def test_long_and_float_timeouts_are_relative(cache):
+    cache.set("key1", "eggs", 60 * 60 * 24 * 30 + 1)  # memcached would read this as a timestamp
+    assert cache.get("key1") == "eggs"
+    assert cache.add("key2", "ham", 60 * 60 * 24 * 30 + 1) is True
+    cache.set("key3", "spam", 100.2)
+    assert cache.get("key3") == "spam"
+
+
+def test_touch(cache):
+    cache.set("expire1", "very quickly", timeout=1)
+    assert cache.touch("expire1", timeout=4) is True
+    assert cache.store.ttl(cache.make_key("expire1")) == 4
+    assert cache.touch("expire1") is True
+    assert 299 <= cache.store.ttl(cache.make_key("expire1")) <= 300
+    assert cache.touch("nonexistent") is False
+    assert cache.touch("nonexistent", timeout=None) is False
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+def test_keys_longer_than_memcached_allows_warn_but_work(cache):
+    key = "a" * 251
+    with pytest.warns(CacheKeyWarning, match="longer than 250"):
+        cache.set(key, "value")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheKeyWarning)
+        assert cache.get(key) == "value"
+
+
+def test_keys_with_spaces_warn_but_work(cache):
+    with pytest.warns(CacheKeyWarning, match="memcached"):
+        cache.set("key with spaces", "value")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheKeyWarning)
+        assert cache.get("key with spaces") == "value"
+
+
+@pytest.mark.parametrize("key", ["nul\x00key", "é" * 600])
+def test_keys_the_table_cannot_hold_are_refused_before_any_sql(cache, key):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheKeyWarning)
+        for operation in (lambda: cache.set(key, 1), lambda: cache.get(key), lambda: cache.get_many([key]),
+                          lambda: cache.set_many({key: 1}), lambda: cache.delete_many([key])):
+            with pytest.raises(InvalidCacheKey, match="invalid cache key"):
+                operation()
+
+
+def test_custom_key_functions(caches):
+    caches["custom_key"].set("answer1", 42)
+    assert caches["default"].get("answer1") is None
+    assert caches["custom_key"].get("answer1") == 42
+    assert caches["custom_key2"].get("answer1") == 42  # the same function, named by a dotted path
+    assert caches["custom_key"].store.exists(reversed_key("answer1", "", 1))
+
+
+# -- versions ------------------------------------------------------------------------------
+
+def test_versions_are_separate_keys(caches):
+    cache, v2 = caches["default"], caches["v2"]
+    cache.set("answer1", 42)
+    assert cache.get("answer1") == 42
+    assert cache.get("answer1", version=1) == 42
+    assert cache.get("answer1", version=2) is None
+    assert v2.get("answer1") is None
+    assert v2.get("answer1", version=1) == 42
+    v2.set("answer2", 42)
+    assert cache.get("answer2") is None
+    assert cache.get("answer2", version=2) == 42
+    assert cache.add("answer2", 37) is True
+    assert cache.add("answer2", 37, version=2) is False
+    assert cache.has_key("answer2", version=2)
+    assert cache.delete("answer2", version=2)
+    assert v2.get("answer2") is None
+    assert cache.get("answer2") == 37
+
+
+def test_versions_in_batches_and_counters(caches):
+    cache, v2 = caches["default"], caches["v2"]
+    cache.set_many({"ford1": 37, "arthur1": 42})
+    assert cache.get_many(["ford1", "arthur1"], version=2) == {}
+    assert v2.get_many(["ford1", "arthur1"], version=1) == {"ford1": 37, "arthur1": 42}
+    cache.set("answer", 1)
+    cache.set("answer", 2, version=2)
+    assert cache.incr("answer", version=2) == 3
+    assert cache.get("answer") == 1
+    assert v2.decr("answer") == 2
+    cache.delete_many(["ford1", "arthur1"], version=1)
+    assert v2.get_many(["ford1", "arthur1"], version=1) == {}
+
+
+def test_incr_and_decr_version(caches):
+    cache = caches["default"]
+    cache.set("answer", 42, version=2)
+    assert cache.incr_version("answer", version=2) == 3
+    assert cache.get("answer", version=2) is None
+    assert cache.get("answer", version=3) == 42
+    assert cache.decr_version("answer", version=3) == 2
+    assert cache.get("answer", version=2) == 42
+    with pytest.raises(ValueError):
+        cache.incr_version("does_not_exist")
+
+
+def test_get_or_set(cache):
+    assert cache.get_or_set("projector", 42) == 42
+    assert cache.get_or_set("projector", 43) == 42
+    assert cache.get_or_set("callable", lambda: "computed") == "computed"
+    assert cache.get_or_set("callable", lambda: "again") == "computed"
+    assert cache.get_or_set("none", None) is None
+    assert cache.has_key("none")
+    assert cache.get_or_set("brian", 1979, version=2) == 1979
+    assert cache.get("brian", version=1) is None
+
+
+def test_async_methods(cache):
+    async def scenario():
+        await cache.aset("async", 1)
+        await cache.aincr("async", 2)
+        return await cache.aget("async"), await cache.ahas_key("async")
+
+    assert asyncio.run(scenario()) == (3, True)
+
+
+# -- wiring, close(), configuration ------------------------------------------------------------
+
+def test_backends_of_one_location_share_one_engine(caches, pg_url):
+    from_thread = []
+    thread = threading.Thread(target=lambda: from_thread.append(caches["default"]))
+    thread.start()
+    thread.join()
+    assert from_thread[0] is not caches["default"]  # Django builds a backend per thread...
+    assert from_thread[0].store.bind is caches["default"].store.bind is caches["v2"].store.bind  # ...one pool
+
+
+def test_close_and_the_request_finished_signal_leave_the_cache_usable(cache):
+    cache.set("survives", 1)
+    cache.close()
+    signals.request_finished.send(sender=None)
+    assert cache.get("survives") == 1
+    cache.set("after", 2)
+    assert cache.get("after") == 2
+
+
+def test_cache_entries_are_readable_by_plain_cache_with_pickle(cache, django_schemas, engine):
+    from fastpgcache import Cache
+
+    cache.set("shared", {"a": (1, 2)})
+    plain = Cache(engine, schema=django_schemas[0], pickle=True)
+    assert plain.get(cache.make_key("shared")) == {"a": (1, 2)}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"MAX_ENTRIES": 100}, "never culls"),
+    ({"shcema": "x"}, "unknown fastpgcache OPTIONS"),
+])
+def test_unknown_options_are_refused(django_schemas, pg_url, options, message):
+    with pytest.raises(ImproperlyConfigured, match=message):
+        FastPgCache(pg_url, {"OPTIONS": options})
+
+
+def test_location_must_be_a_postgresql_url(django_schemas):
+    with pytest.raises(ImproperlyConfigured, match="LOCATION"):
+        FastPgCache("", {})
+    with pytest.raises(ValueError, match="PostgreSQL URL"):
+        FastPgCache("sqlite:///cache.db", {})
+
+
+def test_password_stays_out_of_repr(django_schemas):
+    backend = FastPgCache("postgresql://app:s3cret-pw@127.0.0.1:1/app", {})
+    assert "s3cret-pw" not in repr(backend)
+    assert "s3cret-pw" not in repr(backend.store.bind)
+
+
+def test_missing_table_says_how_to_create_it(django_schemas, pg_url):
+    from fastpgcache import CacheNotSetUpError
+
+    backend = FastPgCache(pg_url, {"OPTIONS": {"schema": f"absent_{uuid.uuid4().hex[:8]}"}})
+    with pytest.raises(CacheNotSetUpError, match="fastpgcache-admin"):
+        backend.get("anything")
+
+
+# -- manage.py setup_fastpgcache -----------------------------------------------------------------
+
+def test_setup_command_creates_the_missing_table(caches, django_schemas):
+    with pytest.raises(CommandError, match="not set up"):
+        call_command("setup_fastpgcache", "fresh", "--check", stdout=io.StringIO())
+    out = io.StringIO()
+    call_command("setup_fastpgcache", stdout=out)
+    assert f"cache 'fresh': {django_schemas[1]}.cache ready (UNLOGGED" in out.getvalue()
+    assert f"cache 'default': {django_schemas[0]}.cache ready" in out.getvalue()
+    assert "local" not in out.getvalue()  # other backends are skipped
+    caches["fresh"].set("now", "works")
+    assert caches["fresh"].get("now") == "works"
+    check = io.StringIO()
+    call_command("setup_fastpgcache", "fresh", "--check", stdout=check)
+    assert "ready" in check.getvalue()
+
+
+def test_setup_command_refuses_other_backends_and_unknown_aliases(django_schemas):
+    with pytest.raises(CommandError, match="does not use fastpgcache"):
+        call_command("setup_fastpgcache", "local")
+    with pytest.raises(CommandError, match="no cache 'nope'"):
+        call_command("setup_fastpgcache", "nope")

@@ -1,0 +1,210 @@
+"""The Flask-Caching backend, and Cache(db.session) joining a Flask-SQLAlchemy request's transaction."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+flask = pytest.importorskip("flask")
+flask_caching = pytest.importorskip("flask_caching")
+flask_sqlalchemy = pytest.importorskip("flask_sqlalchemy")
+
+from fastpgcache import Cache  # noqa: E402
+from fastpgcache.contrib.flask import FastPgCache  # noqa: E402
+
+BACKEND = "fastpgcache.contrib.flask.FastPgCache"
+
+
+def make_app(pg_url, schema, **config):
+    app = flask.Flask(f"app_{uuid.uuid4().hex[:6]}")
+    app.config.update(CACHE_TYPE=BACKEND, CACHE_FASTPGCACHE_URL=pg_url, CACHE_FASTPGCACHE_SCHEMA=schema, **config)
+    return app
+
+
+@pytest.fixture
+def app(pg_url, schema):
+    return make_app(pg_url, schema)
+
+
+@pytest.fixture
+def views(app):
+    return flask_caching.Cache(app)
+
+
+@pytest.fixture
+def backend(views, app):
+    return views.cache
+
+
+def test_cache_type_setting_builds_this_backend(backend, schema):
+    assert isinstance(backend, FastPgCache)
+    assert backend.store.schema == schema
+    assert backend.key_prefix == "flask_cache_"  # Flask-Caching's default CACHE_KEY_PREFIX
+
+
+def test_cached_view_runs_once_until_cleared(app, views):
+    calls = []
+
+    @app.get("/report")
+    @views.cached(timeout=60)
+    def report():
+        calls.append(1)
+        return {"calls": len(calls)}
+
+    client = app.test_client()
+    assert client.get("/report").get_json() == {"calls": 1}
+    assert client.get("/report").get_json() == {"calls": 1}
+    assert len(calls) == 1
+    views.clear()
+    assert client.get("/report").get_json() == {"calls": 2}
+
+
+def test_memoize_and_delete_memoized(app, views):
+    calls = []
+
+    @views.memoize(timeout=60)
+    def square(n):
+        calls.append(n)
+        return n * n
+
+    with app.app_context():
+        assert [square(3), square(3), square(4), square(4)] == [9, 9, 16, 16]
+        assert calls == [3, 4]
+        views.delete_memoized(square, 3)
+        assert [square(3), square(4)] == [9, 16]
+        assert calls == [3, 4, 3]
+        views.delete_memoized(square)
+        assert square(4) == 16
+        assert calls == [3, 4, 3, 4]
+
+
+def test_return_conventions(backend):
+    assert backend.set("a", {"x": (1, 2)}) is True
+    assert backend.get("a") == {"x": (1, 2)}
+    assert backend.get("missing") is None
+    assert backend.add("a", "other") is False
+    assert backend.add("b", "new") is True
+    assert backend.has("a") is True and backend.has("missing") is False
+    assert backend.get_many("a", "missing", "b") == [{"x": (1, 2)}, None, "new"]
+    assert backend.get_dict("a", "b") == {"a": {"x": (1, 2)}, "b": "new"}
+    assert backend.set_many({"c": 1, "d": 2}) == ["c", "d"]
+    assert backend.delete("c") is True
+    assert backend.delete("c") is False
+    assert backend.delete_many("d", "never-there") == ["d", "never-there"]
+    assert backend.get_many("c", "d") == [None, None]
+    assert backend.clear() is True
+    assert backend.get("a") is None
+
+
+def test_inc_and_dec_start_missing_keys_at_zero(backend):
+    assert backend.inc("hits") == 1
+    assert backend.inc("hits", 5) == 6
+    assert backend.dec("hits", 2) == 4
+    assert backend.dec("fresh") == -1
+    assert backend.get("hits") == 4
+
+
+def test_timeouts_follow_flask_caching(app, backend):
+    backend.set("default", 1)
+    assert 299 <= backend.store.ttl("flask_cache_default") <= 300
+    backend.set("forever", 1, timeout=0)
+    assert backend.store.ttl("flask_cache_forever") == -1
+    backend.set("minute", 1, timeout=60)
+    assert backend.store.ttl("flask_cache_minute") == 60
+    backend.set("gone", 1, timeout=-1)
+    assert not backend.has("gone")
+    assert backend.add("gone", 1, timeout=-1) is True
+    assert not backend.has("gone")
+    backend.set_many({"m1": 1, "m2": 2}, timeout=-5)
+    assert backend.get_many("m1", "m2") == [None, None]
+    backend.set("short", 1, timeout=1)
+    time.sleep(1.2)
+    assert backend.get("short") is None
+
+
+def test_default_timeout_setting(pg_url, schema):
+    app = make_app(pg_url, schema, CACHE_DEFAULT_TIMEOUT=45)
+    backend = flask_caching.Cache(app).cache
+    backend.set("k", 1)
+    assert backend.store.ttl("flask_cache_k") == 45
+
+
+def test_clear_removes_only_its_own_prefix(pg_url, schema):
+    shop = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="shop[1]*")).cache
+    blog = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="blog_")).cache
+    shop.set("k", "shop")
+    blog.set("k", "blog")
+    assert shop.get("k") == "shop" and blog.get("k") == "blog"
+    shop.clear()
+    assert shop.get("k") is None
+    assert blog.get("k") == "blog"
+
+
+def test_url_defaults_to_the_apps_sqlalchemy_uri(pg_url, schema):
+    app = flask.Flask("uri_app")
+    app.config.update(CACHE_TYPE=BACKEND, SQLALCHEMY_DATABASE_URI=pg_url, CACHE_FASTPGCACHE_SCHEMA=schema)
+    backend = flask_caching.Cache(app).cache
+    assert backend.set("k", "v") and backend.get("k") == "v"
+
+
+def test_missing_url_says_what_to_set():
+    app = flask.Flask("no_url")
+    app.config.update(CACHE_TYPE=BACKEND)
+    with pytest.raises(ValueError, match="CACHE_FASTPGCACHE_URL"):
+        flask_caching.Cache(app)
+
+
+def test_apps_on_one_url_share_one_engine(pg_url, schema):
+    first = flask_caching.Cache(make_app(pg_url, schema)).cache
+    second = flask_caching.Cache(make_app(pg_url, schema)).cache
+    assert first is not second and first.store.bind is second.store.bind
+
+
+def test_engine_options_are_passed_on(pg_url, schema):
+    backend = flask_caching.Cache(make_app(pg_url, schema, CACHE_FASTPGCACHE_ENGINE_OPTIONS={"pool_size": 3})).cache
+    assert backend.store.bind.pool.size() == 3
+    assert backend.set("k", 1)
+
+
+# -- Cache(db.session): cache writes inside the request's transaction ---------------------------
+
+@pytest.fixture
+def notes_app(pg_url, schema, engine):
+    db = flask_sqlalchemy.SQLAlchemy()
+    pgcache = Cache(db.session, schema=schema)
+    app = flask.Flask("notes")
+    app.config.update(SQLALCHEMY_DATABASE_URI=pg_url)
+    db.init_app(app)
+    table = f'"{schema}".notes'
+
+    @app.post("/notes/<name>")
+    def save(name):
+        body = flask.request.get_data(as_text=True)
+        db.session.execute(text(f"INSERT INTO {table} VALUES (:name, :body)"), {"name": name, "body": body})
+        pgcache.set(f"note:{name}", body)
+        assert pgcache.get(f"note:{name}") == body  # visible inside its own transaction
+        if "spam" in body:
+            flask.abort(400)
+        db.session.commit()
+        return {"saved": name}
+
+    with engine.begin() as connection:
+        connection.execute(text(f"CREATE TABLE {table} (name text PRIMARY KEY, body text)"))
+    yield app, Cache(engine, schema=schema)
+    with app.app_context():
+        db.engine.dispose()
+
+
+def test_cache_writes_commit_with_the_request(notes_app):
+    app, outside = notes_app
+    assert app.test_client().post("/notes/hello", data="hi").status_code == 200
+    assert outside.get("note:hello") == "hi"
+
+
+def test_cache_writes_roll_back_with_a_failed_request(notes_app):
+    app, outside = notes_app
+    assert app.test_client().post("/notes/junk", data="buy spam").status_code == 400
+    assert outside.get("note:junk") is None
+    assert not outside.exists("note:junk")
