@@ -104,6 +104,9 @@ class FastPgCache(Cache):
         except sa_exc.DBAPIError as error:
             self.close()
             raise CacheConnectionError(f"cannot connect to the database: {connection_hint(error)}") from None
+        except CacheConnectionError:  # raised by the Databricks login hook, already in its own words
+            self.close()
+            raise
         for connection in connections:
             connection.close()
 

@@ -255,23 +255,36 @@ def attach(engine: Engine, provider: DatabricksTokenProvider) -> None:
 
     Open connections keep working when the token changes (PostgreSQL checks the
     password only at login). When the server refuses a token, the provider is
-    asked once for a newer one before the login fails.
+    asked once for a newer one; if that is refused too, `DatabricksTokenError` says so.
     """
 
     def log_in_with_token(dialect, connection_record, cargs, cparams):
-        token = cparams["password"] = provider.get_token()
-        try:
-            return dialect.connect(*cargs, **cparams)
-        except dialect.loaded_dbapi.OperationalError as error:
-            if "authentication" not in str(error).lower():
-                raise
-            fresh = provider.refresh_token(rejected=token)
-            if fresh == token:
-                raise
-        cparams["password"] = fresh
-        return dialect.connect(*cargs, **cparams)
+        # A refused token is renewed once: Databricks may revoke one before its reported expiry.
+        cparams["password"] = provider.get_token()
+        for last_try in (False, True):
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except dialect.loaded_dbapi.OperationalError as error:
+                if not _login_refused(error):
+                    raise
+                token = None if last_try else provider.refresh_token(rejected=cparams["password"])
+                if token in (None, cparams["password"]):
+                    raise _refused(provider, error) from None
+                cparams["password"] = token
 
     event.listen(engine, "do_connect", log_in_with_token)
+
+
+def _login_refused(error: Exception) -> bool:
+    return "authentication failed" in str(error).lower()
+
+
+def _refused(provider: DatabricksTokenProvider, error: Exception) -> DatabricksTokenError:
+    # Said in Databricks terms: the generic hint (check PGPASSWORD) would point the wrong way.
+    detail = _first_line(error).split("FATAL:")[-1].strip()
+    return DatabricksTokenError(
+        f"the server refused the Databricks token for {provider._target} ({detail}), also after renewing it: "
+        "check that this user has a PostgreSQL role in the instance and may log in to this database")
 
 
 def workspace_client(profile: str | None = None):

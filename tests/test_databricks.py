@@ -194,7 +194,9 @@ def test_a_stale_token_fails_with_a_clear_error(role, role_url, cache_schema):
         with pytest.raises(CacheConnectionError) as refused:
             Cache(engine, schema=cache_schema).get("k")
         message = str(refused.value)
-        assert "password authentication failed" in message and role.name in message
+        assert isinstance(refused.value, DatabricksTokenError)
+        assert "refused the Databricks token for instance my_instance" in message
+        assert f'password authentication failed for user "{role.name}"' in message
         assert old not in message and role.password not in message
         assert len(workspace.calls) == 2  # one retry with a newer token, then the clear error
     finally:
@@ -398,6 +400,7 @@ def test_tokens_never_appear_in_logs_reprs_or_errors(role, role_url, cache_schem
         attach(engine, provider)
         cache = Cache(engine, schema=cache_schema)
         cache.set("k", "v")
+        assert whoami(engine) == role.name
         tokens.append(role.rotate())
         workspace.token = role.password
         engine.dispose()
@@ -478,7 +481,7 @@ def test_admin_command_with_databricks_sets_up_the_cache(server, admin_engine, f
             "--port", str(server.port), "--user", "postgres", "--schema", schema]
     assert admin_main(argv) == 0
     out = capsys.readouterr()
-    assert f"{schema}.fastpgcache: exists, UNLOGGED" in out.out.replace('"', "")
+    assert out.out.startswith(f"{schema}.cache: exists, UNLOGGED, row-level security on")
     assert server.superuser_password not in out.out + out.err
     assert fake_sdk.kwargs == [{"profile": "DEV"}]
     with admin_engine.begin() as connection:
@@ -491,7 +494,7 @@ def test_admin_command_reports_a_wrong_token_in_one_line(server, fake_sdk, capsy
             "--check"]
     assert admin_main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "password authentication failed" in err
+    assert err.count("\n") == 1 and "refused the Databricks token" in err
     assert "not-the-password" not in err
 
 
@@ -524,3 +527,15 @@ def test_without_the_sdk_import_works_and_databricks_mode_says_what_to_install()
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert "pip install 'fastpgcache[databricks]'" in result.stderr
+
+
+def test_fastpgcache_with_a_refused_token_fails_in_the_constructor_and_stops_renewing(server, role, fake_sdk):
+    def renewers():
+        return sum(thread.name == "fastpgcache-databricks-token" for thread in threading.enumerate())
+
+    before = renewers()
+    fake_sdk.token = "not-the-password"
+    with pytest.raises(DatabricksTokenError, match="refused the Databricks token") as refused:
+        FastPgCache(host="127.0.0.1", port=server.port, user=role.name, instance_name="my_instance")
+    assert "not-the-password" not in str(refused.value)
+    assert renewers() == before
