@@ -24,15 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from .admin import setup_cache
 from .cache import Cache
 from .client import FastPgCache, build_url
 
 FLOOR = "psycopg2"
+LIB = "FastPgCache"
 LOGGED_TABLE = "cache_logged"
 
 
@@ -273,32 +275,45 @@ class RedisContender(Contender):
 
 # -- capturing the library's SQL for the floor -----------------------------------------------
 
-def capture_sql(engine, schema: str, table: str | None = None) -> dict:
+def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
     """The exact SQL text and literal parameters the library sends for each operation.
 
-    The floor replays these strings, so "same statement" holds by construction
+    Recorded at the driver's cursor, below however the library executes, so the
+    floor replays the very same strings: "same statement" holds by construction
     and no statement is written a second time outside cache.py.
     """
+    import psycopg2.extensions
+
     seen: list = []
 
-    def record(conn, cursor, statement, parameters, context, executemany):
-        seen.append((statement, dict(parameters)))
+    class RecordingCursor(psycopg2.extensions.cursor):
+        def execute(self, query, vars=None):
+            seen.append((query, dict(vars or {})))
+            return super().execute(query, vars)
 
+    engine = create_engine(url, connect_args={"cursor_factory": RecordingCursor}, poolclass=NullPool)
     cache = Cache(engine, schema=schema, table=table)
-    calls = {"set": lambda: cache.set("bench:capture", 1), "get": lambda: cache.get("bench:capture"),
-             "get_many": lambda: cache.get_many(["bench:capture"]), "incr": lambda: cache.incr("bench:capture:n")}
+    calls = {"set": ("INSERT", lambda: cache.set("bench:capture", 1)),
+             "get": ("SELECT", lambda: cache.get("bench:capture")),
+             "get_many": ("SELECT", lambda: cache.get_many(["bench:capture"])),
+             "incr": ("INSERT", lambda: cache.incr("bench:capture:n"))}
     sql = {}
-    event.listen(engine, "before_cursor_execute", record)
     try:
-        for name, call in calls.items():
+        for name, (verb, call) in calls.items():
             seen.clear()
             call()
-            sql[name] = seen[-1]
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
+            sql[name] = next(item for item in seen if _is_cache_sql(item[0], verb))
         cache.delete_many(["bench:capture", "bench:capture:n"])
+    finally:
+        engine.dispose()
     sql["set_values"] = _values_form(*sql["set"])
     return sql
+
+
+def _is_cache_sql(query, verb: str) -> bool:
+    # Skips what the pool, the dialect or expiry-on-write send around the call itself.
+    text_ = query.decode() if isinstance(query, bytes) else str(query)
+    return text_.lstrip().upper().startswith(verb) and ".cache" in text_
 
 
 def _values_form(statement: str, params: dict) -> tuple[str, str, dict]:
@@ -480,26 +495,38 @@ class _Scratch:
             for name in (self.schema, self.logged_schema):
                 connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
 
-    def contenders(self, settings: Settings) -> list[Contender]:
-        """The floor first (ratios are to it), then the library, then Django and Redis when available."""
+    def contenders(self, settings: Settings, exclude: frozenset = frozenset()) -> list[Contender]:
+        """The floor first (ratios are to it), then the library, then Django and Redis when available.
+
+        Contenders named in `exclude` are never built (Django's, for one, configures
+        Django for the whole process).
+        """
         import psycopg2
 
         dsn = {**self.url.translate_connect_args(username="user", database="dbname"), **self.url.query}
         connect = lambda: psycopg2.connect(**dsn)  # noqa: E731
         lib_only = {"get miss"}
         logged_only = {"set", f"load {settings.threads}x{settings.thread_ops}"}
-        contenders = [
-            Psycopg2Floor(FLOOR, connect, capture_sql(self.engine, self.schema)),
-            self._client("FastPgCache", self.schema, settings),
-            self._client("FastPgCache, guard off", self.schema, settings, lib_only, use_cuckoo_filter=False),
-            SessionContender(self.engine, self.schema),
-        ]
-        contenders += [c for c in (self._django(), self._redis()) if c is not None]
-        contenders += [
-            Psycopg2Floor(f"{FLOOR} LOGGED", connect, capture_sql(self.engine, self.logged_schema), logged_only),
-            self._client("FastPgCache LOGGED", self.logged_schema, settings, logged_only),
-        ]
-        self._cleanups[:0] = [c.close for c in contenders]
+        factories = {
+            FLOOR: lambda: Psycopg2Floor(FLOOR, connect, capture_sql(self.url, self.schema)),
+            LIB: lambda: self._client(LIB, self.schema, settings),
+            f"{LIB}, guard off": lambda: self._client(f"{LIB}, guard off", self.schema, settings, lib_only,
+                                                      use_cuckoo_filter=False),
+            "Cache(session)": lambda: SessionContender(self.engine, self.schema),
+            DjangoContender.name: self._django,
+            RedisContender.name: self._redis,
+            f"{FLOOR} LOGGED": lambda: Psycopg2Floor(f"{FLOOR} LOGGED", connect,
+                                                     capture_sql(self.url, self.logged_schema), logged_only),
+            f"{LIB} LOGGED": lambda: self._client(f"{LIB} LOGGED", self.logged_schema, settings, logged_only),
+        }
+        if FLOOR in exclude:
+            raise ValueError(f"the {FLOOR} floor cannot be excluded: every ratio is to it")
+        contenders = []
+        for name, build in factories.items():
+            contender = None if name in exclude else build()
+            if contender is not None:
+                self._cleanups.insert(len(contenders), contender.close)
+                contenders.append(contender)
         return contenders
 
     def _client(self, name, schema, settings, workloads=None, **options) -> LibraryContender:
@@ -597,10 +624,11 @@ def _create_django_table(name: str) -> None:
 
 
 def run_bench(url: str | URL | None = None, *, redis_url: str | None = None, settings: Settings | None = None,
-              progress: bool = True) -> Report:
+              progress: bool = True, exclude=()) -> Report:
     """Run every workload against every contender, interleaved, and return the report.
 
-    With no `url` a throwaway embedded PostgreSQL is started (and stopped)::
+    With no `url` a throwaway embedded PostgreSQL is started (and stopped);
+    `exclude` names contenders to leave out::
 
         report = run_bench(settings=Settings.quick())
         report.result("get hit", "FastPgCache").p50_vs_floor   # e.g. 1.1
@@ -615,10 +643,10 @@ def run_bench(url: str | URL | None = None, *, redis_url: str | None = None, set
     scratch = _Scratch(build_url(url=url), redis_url)
     try:
         scratch.setup()
-        contenders = scratch.contenders(settings)
+        contenders = scratch.contenders(settings, frozenset(exclude))
         workloads = build_workloads(settings)
         recorder = _measure(contenders, workloads, settings, progress)
-        report = Report(meta=_meta(scratch, settings, server is not None), notes=scratch.notes)
+        report = Report(meta=_meta(scratch, contenders, settings, server is not None), notes=scratch.notes)
         report.results = summarise(recorder, workloads, contenders)
         report.goals = goals(report, settings)
         return report
@@ -669,7 +697,7 @@ def _warm(workload: Workload, contender: Contender, pool, settings: Settings):
     return op
 
 
-def _meta(scratch: _Scratch, settings: Settings, embedded: bool) -> dict:
+def _meta(scratch: _Scratch, contenders: list[Contender], settings: Settings, embedded: bool) -> dict:
     import psycopg2
     import sqlalchemy
 
@@ -677,11 +705,10 @@ def _meta(scratch: _Scratch, settings: Settings, embedded: bool) -> dict:
         server = connection.execute(text("SHOW server_version")).scalar()
         fsync = connection.execute(text("SHOW fsync")).scalar()
         sync_commit = connection.execute(text("SHOW synchronous_commit")).scalar()
-    return {"server": f"PostgreSQL {server}" + (" (embedded)" if embedded else ""),
+    return {"server": f"PostgreSQL {server}" + (" (embedded)" if embedded else ""), "run_id": scratch.run_id,
             "fsync": fsync, "synchronous_commit": sync_commit, "python": platform.python_version(),
             "sqlalchemy": sqlalchemy.__version__, "psycopg2": psycopg2.__version__.split()[0],
-            "machine": f"{platform.machine()}, {_cpu_count()} CPUs", "redis": bool(scratch.redis_url and not any(
-                "Redis" in note for note in scratch.notes)),
+            "machine": f"{platform.machine()}, {_cpu_count()} CPUs", "contenders": [c.name for c in contenders],
             "settings": asdict(settings), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
@@ -692,8 +719,6 @@ def _cpu_count() -> int:
 
 
 # -- goals ----------------------------------------------------------------------------------
-
-LIB = "FastPgCache"
 
 
 def goals(report: Report, settings: Settings) -> list[Goal]:
