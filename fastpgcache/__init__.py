@@ -9,7 +9,8 @@
 from .admin import setup_cache
 from .cache import MAX_KEY_BYTES, Cache
 from .client import FastPgCache
-from .errors import CacheConnectionError, CacheError, CacheNotSetUpError, CachePermissionError
+from .cuckoo import CuckooFilter
+from .errors import CacheConnectionError, CacheError, CacheNotSetUpError, CachePermissionError, CacheTimeoutError
 from .model import CacheEntry
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "CacheError",
     "CacheNotSetUpError",
     "CachePermissionError",
+    "CacheTimeoutError",
+    "CuckooFilter",
     "DatabricksTokenProvider",
     "FastPgCache",
     "MAX_KEY_BYTES",

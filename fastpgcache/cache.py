@@ -1,6 +1,7 @@
 """`Cache`: the Redis-style facade on SQLAlchemy Core. All of the cache's SQL is here."""
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import functools
 import hashlib
@@ -33,7 +34,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from . import codec
-from .errors import translate
+from .errors import CacheTimeoutError, pool_timeout_error, translate
+from .expiry import NOTHING_DUE, ExpiryOnWrite
+from .failsafe import DATABASE_ERRORS, Failsafe
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE, cache_table
 
 MAX_KEY_BYTES = 1024
@@ -41,6 +44,9 @@ MAX_KEY_BYTES = 1024
 
 MAX_TTL_SECONDS = 100 * 365 * 24 * 3600
 """Longest ttl accepted (100 years)."""
+
+MAX_PATTERN_CHARS = 4 * MAX_KEY_BYTES
+"""Longest keys() pattern; anything longer could not match a key of at most MAX_KEY_BYTES."""
 
 _MISSING = object()
 
@@ -86,36 +92,46 @@ def normalize_ttl(ttl) -> float | None:
 
 
 def glob_to_regex(pattern: str) -> str:
-    """Translate a Redis glob (`*`, `?`, `[a-z]`, `[^x]`, `\\x`) into an anchored POSIX regex."""
+    """Translate a Redis glob (`*`, `?`, `[a-z]`, `[^x]`, `\\x`) into an anchored PostgreSQL regex."""
     out, i, n = ["^"], 0, len(pattern)
     while i < n:
         ch = pattern[i]
         if ch == "\\" and i + 1 < n:
             out.append(re.escape(pattern[i + 1]))
             i += 2
-            continue
-        if ch == "*":
+        elif ch == "*":
             out.append(".*")
+            i += 1
         elif ch == "?":
             out.append(".")
-        elif ch == "[":
-            end = pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("^", "!") else i + 1)
-            if end == -1:
-                out.append(re.escape(ch))
-            else:
-                body = pattern[i + 1 : end]
-                negate = body[:1] in ("^", "!")
-                if negate:
-                    body = body[1:]
-                members = "".join("\\" + c if c in "\\]^[" else c for c in body)
-                out.append(f"[{'^' if negate else ''}{members}]")
-                i = end + 1
-                continue
+            i += 1
+        elif ch == "[" and "]" in pattern[i + 1:]:
+            bracket, i = _glob_class(pattern, i + 1)
+            out.append(bracket)
         else:
             out.append(re.escape(ch))
-        i += 1
+            i += 1
     out.append("$")
     return "".join(out)
+
+
+def _glob_class(pattern: str, i: int) -> tuple[str, int]:
+    # A [...] set, as Redis reads it: ^ negates, \\ escapes, a-z is a range; returns (regex, next index).
+    negate = pattern[i] == "^"
+    i += negate
+    members = []
+    while i < len(pattern) and pattern[i] != "]":
+        if pattern[i] == "\\" and i + 1 < len(pattern):
+            i += 1
+            members.append("\\" + pattern[i])
+        elif pattern[i] in "[^\\":
+            members.append("\\" + pattern[i])
+        else:
+            members.append(pattern[i])
+        i += 1
+    if not members:  # Redis: "[]" matches nothing, "[^]" any one character
+        return ("." if negate else "(?!)"), i + 1
+    return f"[{'^' if negate else ''}{''.join(members)}]", i + 1
 
 
 class _Statements:
@@ -179,10 +195,10 @@ class _Statements:
             set_={"value": func.convert_to(cast(current + amount, Text), "UTF8"),
                   "flags": case((expired, literal(codec.JSON, SmallInteger)), else_=t.c.flags),
                   "expires_at": case((expired, None), else_=t.c.expires_at)},
-            where=or_(expired, t.c.flags.in_([codec.TEXT, codec.JSON])),
+            where=or_(expired, t.c.flags.between(codec.TEXT, codec.JSON)),
         ).returning(func.convert_from(t.c.value, "UTF8"))
         # incr(create=False), as Django's incr: no row back means missing; NULL back means not a number.
-        numeric = t.c.flags.in_([codec.TEXT, codec.JSON])
+        numeric = t.c.flags.between(codec.TEXT, codec.JSON)
         added = func.convert_to(cast(cast(func.convert_from(t.c.value, "UTF8"), BigInteger) + amount, Text), "UTF8")
         self.incr_existing = (update(t).where(mine, key, live)
                               .values(value=case((numeric, added), else_=t.c.value))
@@ -199,6 +215,25 @@ class _Statements:
         self.cleanup_mine = delete(t).where(ctid.in_(select(ctid).select_from(t).where(mine, expired).limit(batch)))
         self.cleanup_all = delete(t).where(ctid.in_(select(ctid).select_from(t).where(expired).limit(batch)))
         self.count = select(func.count().filter(live), func.count().filter(expired)).where(mine)
+        # Expiry on write (expiry.py): SKIP LOCKED so concurrent writers never queue on the same dead rows.
+        self.expire_batch = delete(t).where(ctid.in_(
+            select(ctid).select_from(t).where(mine, expired).limit(batch).with_for_update(skip_locked=True)))
+        # max_entries: everything older than this role's newest `keep` entries (FIFO, as Solid Cache).
+        self.trim = delete(t).where(ctid.in_(
+            select(ctid).select_from(t).where(mine).order_by(t.c.created_at.desc())
+            .offset(bindparam("keep")).limit(batch)))
+        # get_or_set's stampede lock: one transaction-level advisory lock per (user, table, key).
+        lock_id = func.hashtextextended(func.concat_ws("/", self.user, table_name, bindparam("k", type_=Text)), 0)
+        self.try_lock = select(func.pg_try_advisory_xact_lock(lock_id))
+        self.wait_lock = select(func.pg_advisory_xact_lock_shared(lock_id))
+        # Waiting for the lock is bounded by the caller's wait, whatever the connection's timeouts say.
+        self.lock_wait = select(func.set_config("lock_timeout", bindparam("lock_ms", type_=Text), True),
+                                func.set_config("statement_timeout", bindparam("statement_ms", type_=Text), True))
+        # The negative-lookup guard's warm-up (guard.py): every row present, expired ones
+        # too, since an upsert reviving one fires no insert notification.
+        self.key_page = (select(t.c.key).where(mine, t.c.key > bindparam("after", type_=Text))
+                         .order_by(t.c.key).limit(bindparam("batch")))
+        self.whoami = select(self.user)
 
 
 @functools.lru_cache(maxsize=64)
@@ -206,21 +241,64 @@ def _statements(table_name: str, user_id: str | None) -> _Statements:
     return _Statements(table_name, user_id)
 
 
-def operation(steps):
+# The guard's listener runs these; LISTEN takes an identifier, so it cannot be a bound parameter.
+_NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
+_HAS_TRIGGER = select(literal_column(
+    "EXISTS (SELECT 1 FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid"
+    " JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = :schema AND c.relname = :table AND g.tgname = :trigger AND g.tgenabled <> 'D')"))
+
+
+def listen_sql(channel: str) -> str:
+    """`LISTEN` for a channel name made of [a-z0-9_] (see guard.notify_channel)."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", channel):
+        raise ValueError(f"invalid channel name {channel!r}")
+    return f"LISTEN {channel}"
+
+
+def operation(steps=None, *, fallback: Callable[..., Any] | None = None):
     """Make a generator of (statement, params, consume) steps into a blocking method.
 
     Each cache method is written once as such a generator: `Cache` runs its
     steps on a blocking connection, `AsyncCache` awaits them, so the statements,
     validation and decoding exist in one copy. The generator receives each
     step's consumed result (or has the step's exception thrown into it).
+
+    `fallback(cache, *args, **kwargs)` is the answer failsafe mode gives when
+    the database fails (failsafe.py); operations without one always raise.
     """
+    if steps is None:
+        return functools.partial(operation, fallback=fallback)
 
     @functools.wraps(steps)
     def run(self, *args, **kwargs):
-        return self._drive(steps(self, *args, **kwargs))
+        try:
+            result = self._drive(steps(self, *args, **kwargs))
+        except DATABASE_ERRORS as error:
+            if fallback is None or not self._failsafe.absorb(error, steps.__name__):
+                raise
+            return fallback(self, *args, **kwargs)
+        self._failsafe.succeeded()
+        return result
 
     run.steps = steps
+    run.fallback = fallback
     return run
+
+
+def _answer(value):
+    # A failsafe fallback that ignores the call; containers are copied so callers cannot share one.
+    return lambda cache, *args, **kwargs: copy.copy(value)
+
+
+def _default_argument(cache, key, default=None, **options):
+    # get()'s failsafe answer: the caller's own default, exactly as for a miss.
+    return default
+
+
+def _stats_without_database(cache):
+    # stats() while the database fails: no counts from SQL, this process's counters still.
+    return {"entries": None, "expired": None, **cache._counters()}
 
 
 class Cache:
@@ -237,15 +315,23 @@ class Cache:
         cache.set("user:1", {"name": "Alice"}, ttl=3600)
         cache.get("user:1")          # {'name': 'Alice'}
         cache.ttl("user:1")          # 3600
+
+    `failsafe=True` turns database errors into cache misses (reads return the
+    default, writes False or 0), logged once per burst and passed to
+    `on_error(error, operation_name)`. Every `expire_every` writes (50; None
+    turns it off) a write also deletes a bounded batch of expired rows, and
+    with `max_entries` this role's oldest entries past the cap (expiry.py).
     """
 
     # scoped_session: Flask-SQLAlchemy's db.session, so cache writes join the request's transaction.
     _bind_types: tuple = (Session, scoped_session, Connection, Engine)
 
     def __init__(self, bind, *, schema: str | None = None, table: str | None = None,
-                 user_id: str | None = None, pickle: bool = False):
+                 user_id: str | None = None, pickle: bool = False, guard=None, failsafe: bool = False,
+                 on_error: Callable[[BaseException, str], Any] | None = None,
+                 expire_every: int | None = 50, max_entries: int | None = None):
         if not isinstance(bind, self._bind_types):
-            names = " or ".join(kind.__name__ for kind in self._bind_types)
+            names = ", ".join(kind.__name__ for kind in self._bind_types[:-1]) + f" or {self._bind_types[-1].__name__}"
             raise TypeError(f"bind must be a SQLAlchemy {names}, not {type(bind).__name__}")
         if user_id is not None and (not isinstance(user_id, str) or not user_id or "\x00" in user_id):
             raise ValueError("user_id must be a non-empty role name, or None for the connected role")
@@ -254,13 +340,16 @@ class Cache:
         self.table = table or DEFAULT_TABLE
         self.user_id = user_id
         self.pickle = pickle
+        # A NegativeLookupGuard (guard.py) answering "definitely absent" without SQL, or None.
+        self.guard = guard
+        self._lookups = {"hits": 0, "misses": 0, "guard_skips": 0}
+        # Database errors: raised, or (failsafe) logged once per burst and answered as a miss.
+        self._failsafe = Failsafe(failsafe, on_error)
+        # Expiry on write and max_entries trimming: bounded batches, so no cron is needed.
+        self._expiry = ExpiryOnWrite(expire_every, max_entries)
         self._s = _statements(self.table, user_id)
-        self._options = {"schema_translate_map": {None: self.schema}}
         self._where = f"{self.schema}.{self.table}"
-        if isinstance(bind, Engine):
-            # A single statement is atomic on its own, and autocommit
-            # saves the BEGIN and COMMIT round trips around it.
-            self._engine = bind.execution_options(isolation_level="AUTOCOMMIT")
+        self._compiled = {}
 
     def __repr__(self) -> str:
         user = f" user {self.user_id}" if self.user_id else ""
@@ -285,26 +374,68 @@ class Cache:
         return {"user_id": self.user_id, **params} if self.user_id else params
 
     def _execute(self, statement, params: dict, consume: Callable[[Any], Any]):
-        """Run one statement and consume its result while the connection is still held."""
+        """Run one statement and consume its cursor while the connection is still held."""
         params = self._params(params)
         try:
             if isinstance(self.bind, Engine):
                 return self._execute_on_engine(statement, params, consume)
             connection = self.bind.connection() if isinstance(self.bind, (Session, scoped_session)) else self.bind
-            return consume(connection.execute(statement, params, execution_options=self._options))
+            if not connection.in_transaction():
+                connection.begin()  # what SQLAlchemy's autobegin would do: the caller commits or rolls back
+            try:
+                return self._run(connection.connection, connection.dialect, statement, params, consume)
+            except sa_exc.DBAPIError as error:
+                if error.connection_invalidated:
+                    connection.invalidate()
+                raise
         except sa_exc.DBAPIError as error:
             raise translate(error, self._where) from error
+        except sa_exc.TimeoutError:
+            if not isinstance(self.bind, Engine):
+                raise
+            raise pool_timeout_error(self.bind.pool) from None
 
     def _execute_on_engine(self, statement, params, consume):
-        # One retry when the pooled connection turns out dead (server restarted):
-        # SQLAlchemy has invalidated the pool by then, so the retry gets a fresh one.
+        # Each call is one statement, atomic on its own, so it runs in autocommit: one
+        # round trip, no BEGIN/COMMIT (the flag is client-side in psycopg 2 and 3).
+        # One retry of a read when the pooled connection turns out dead (server restarted);
+        # writes are not retried: the first try may have committed (incr would count twice).
         for attempt in (1, 2):
+            pooled = self.bind.raw_connection()
+            driver = pooled.driver_connection
+            autocommit = driver.autocommit
             try:
-                with self._engine.connect() as connection:
-                    return consume(connection.execute(statement, params, execution_options=self._options))
+                driver.autocommit = True
+                return self._run(pooled, self.bind.dialect, statement, params, consume)
             except sa_exc.DBAPIError as error:
-                if attempt == 2 or not error.connection_invalidated:
+                if error.connection_invalidated:
+                    pooled.invalidate()
+                if attempt == 2 or not error.connection_invalidated or not statement.is_select:
                     raise
+            finally:
+                if pooled.is_valid:
+                    driver.autocommit = autocommit
+                pooled.close()
+
+    def _run(self, pooled, dialect, statement, params, consume):
+        # The statement is compiled once per dialect and executed on the driver's own
+        # cursor: SQLAlchemy's per-call execution machinery cost 2x the round trip itself
+        # on loopback (benchmarks/), while the SQL stays the Core statement above.
+        compiled = self._compiled.get((statement, dialect))
+        if compiled is None:
+            compiled = self._compiled[(statement, dialect)] = statement.compile(
+                dialect=dialect, schema_translate_map={None: self.schema}, render_schema_translate=True)
+        values = compiled.construct_params(params)
+        cursor = pooled.cursor()
+        try:
+            cursor.execute(compiled.string, values)
+            return consume(cursor)
+        except dialect.loaded_dbapi.Error as error:
+            gone = dialect.is_disconnect(error, pooled.dbapi_connection, cursor)
+            raise sa_exc.DBAPIError.instance(compiled.string, values, error, dialect.loaded_dbapi.Error,
+                                             connection_invalidated=gone, dialect=dialect) from None
+        finally:
+            cursor.close()
 
     def _serialize(self, value) -> tuple[int, bytes]:
         return codec.serialize(value, allow_pickle=self.pickle)
@@ -312,9 +443,24 @@ class Cache:
     def _decode(self, flags: int, value: bytes, parse_json: bool = True):
         return codec.deserialize(flags, value, parse_json=parse_json, allow_pickle=self.pickle)
 
+    def _guard_skips(self, key: str) -> bool:
+        # The guard's "definitely absent" saves the round trip; it never says so for a present key.
+        if self.guard is not None and self.guard.definitely_absent(key):
+            self._lookups["guard_skips"] += 1
+            return True
+        return False
+
+    def _count_lookup(self, found: bool) -> None:
+        self._lookups["hits" if found else "misses"] += 1
+
+    def _remember(self, keys) -> None:
+        # Written keys enter the guard before the call returns: this process never misses its own write.
+        if self.guard is not None:
+            self.guard.remember(keys)
+
     # -- strings ---------------------------------------------------------------------
 
-    @operation
+    @operation(fallback=_answer(False))
     def set(self, key, value, ttl=None, *, nx: bool = False, xx: bool = False) -> bool:
         """Store `value` under `key`, replacing any value and ttl; like Redis SET.
 
@@ -328,13 +474,18 @@ class Cache:
         flags, data = self._serialize(value)
         params = {"k": normalize_key(key), "val": data, "flg": flags, "ttl": normalize_ttl(ttl)}
         if nx:
-            return (yield self._s.set_nx, params, _returned_any)
-        if xx:
-            return (yield self._s.set_xx, params, _returned_any)
-        yield self._s.set, params, _nothing
-        return True
+            stored = yield self._s.set_nx, params, _returned_any
+        elif xx:
+            stored = yield self._s.set_xx, params, _returned_any
+        else:
+            yield self._s.set, params, _nothing
+            stored = True
+        if stored:
+            self._remember([params["k"]])
+            yield from self._expire_on_write(1)
+        return stored
 
-    @operation
+    @operation(fallback=_default_argument)
     def get(self, key, default=None, *, parse_json: bool = True):
         """The value stored under `key`, or `default` when it is missing or expired.
 
@@ -342,28 +493,38 @@ class Cache:
 
             cache.get("user:1", parse_json=False)   # '{"name":"Alice"}'
         """
-        row = yield self._s.get, {"k": normalize_key(key)}, _first_row
+        key = normalize_key(key)
+        if self._guard_skips(key):
+            return default
+        row = yield self._s.get, {"k": key}, _first_row
+        self._count_lookup(row is not None)
         if row is None:
             return default
-        return self._decode(row.flags, row.value, parse_json)
+        value, flags = row
+        return self._decode(flags, value, parse_json)
 
-    @operation
+    @operation(fallback=_answer(False))
     def delete(self, key) -> bool:
         """Remove `key`; True if a live value was removed."""
         return any((yield self._s.delete, {"k": normalize_key(key)}, _scalars))
 
-    @operation
+    @operation(fallback=_answer(False))
     def exists(self, key) -> bool:
         """True if `key` holds a value that has not expired."""
-        return (yield self._s.exists, {"k": normalize_key(key)}, _returned_any)
+        key = normalize_key(key)
+        if self._guard_skips(key):
+            return False
+        found = yield self._s.exists, {"k": key}, _returned_any
+        self._count_lookup(found)
+        return found
 
-    @operation
+    @operation(fallback=_answer(-2))
     def ttl(self, key) -> int:
         """Seconds until `key` expires, rounded up; -1 if it never expires, -2 if missing."""
         seconds = yield self._s.ttl, {"k": normalize_key(key)}, _scalar
         return -2 if seconds is None else int(seconds)
 
-    @operation
+    @operation(fallback=_answer(False))
     def expire(self, key, ttl) -> bool:
         """Give `key` a new ttl (seconds or timedelta); False if the key is missing."""
         params = {"k": normalize_key(key), "ttl": normalize_ttl(ttl)}
@@ -371,12 +532,12 @@ class Cache:
             raise ValueError("expire() needs a ttl; use persist() to remove one")
         return (yield self._s.expire, params, _returned_any)
 
-    @operation
+    @operation(fallback=_answer(False))
     def persist(self, key) -> bool:
         """Remove the ttl of `key`; False if the key is missing or had no ttl."""
         return (yield self._s.persist, {"k": normalize_key(key)}, _returned_any)
 
-    @operation
+    @operation(fallback=_answer(0))
     def incr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
         """Add `amount` to the integer at `key` in one atomic statement; a missing key starts at 0.
 
@@ -402,6 +563,8 @@ class Cache:
             return None
         if not result or result[0] is None:
             raise ValueError(f"the value at {key!r} is not an integer")
+        self._remember([normalize_key(key)])
+        yield from self._expire_on_write(1)
         return int(result[0])
 
     def decr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
@@ -410,7 +573,7 @@ class Cache:
 
     # -- batches -----------------------------------------------------------------------
 
-    @operation
+    @operation(fallback=_answer(0))
     def set_many(self, mapping: Mapping, ttl=None) -> int:
         """Store every item of `mapping` in one statement (one round trip); returns the count.
 
@@ -427,21 +590,25 @@ class Cache:
         params = {"ks": list(rows), "vals": [data for _, data in rows.values()],
                   "flgs": [flags for flags, _ in rows.values()], "ttl": seconds}
         yield self._s.set_many, params, _nothing
+        self._remember(rows)
+        yield from self._expire_on_write(len(rows))
         return len(rows)
 
-    @operation
+    @operation(fallback=_answer({}))
     def get_many(self, keys: Iterable, *, parse_json: bool = True) -> dict:
         """The live values of `keys` in one round trip; missing keys are absent from the dict::
 
             cache.get_many(["a", "b", "nope"])   # {'a': 1, 'b': [2, 3]}
         """
-        wanted = _key_list(keys)
+        wanted = [key for key in _key_list(keys) if not self._guard_skips(key)]
         if not wanted:
             return {}
         rows = yield self._s.get_many, {"ks": wanted}, _all_rows
-        return {row.key: self._decode(row.flags, row.value, parse_json) for row in rows}
+        self._lookups["hits"] += len(rows)
+        self._lookups["misses"] += len(wanted) - len(rows)
+        return {key: self._decode(flags, value, parse_json) for key, value, flags in rows}
 
-    @operation
+    @operation(fallback=_answer(0))
     def delete_many(self, keys: Iterable) -> int:
         """Remove `keys` in one statement; returns how many live values were removed."""
         wanted = _key_list(keys)
@@ -451,7 +618,7 @@ class Cache:
 
     # -- keyspace ----------------------------------------------------------------------
 
-    @operation
+    @operation(fallback=_answer([]))
     def keys(self, pattern: str = "*") -> list[str]:
         """Live keys matching a Redis glob pattern, sorted: `keys("user:*")`.
 
@@ -460,7 +627,7 @@ class Cache:
         """
         return (yield self._s.keys, {"regex": _pattern(pattern)}, _scalars)
 
-    @operation
+    @operation(fallback=_answer([]))
     def _scan_batch(self, regex: str, after: str, batch_size: int) -> list[str]:
         # One page of scan_iter: keyset pagination, so pages stay cheap however deep.
         return (yield self._s.scan, {"regex": regex, "after": after, "batch": batch_size}, _scalars)
@@ -476,12 +643,12 @@ class Cache:
                 return
             after = batch[-1]
 
-    @operation
+    @operation(fallback=_answer(0))
     def clear(self) -> int:
         """Remove every entry of this user; returns how many rows were removed."""
         return (yield self._s.clear, {}, _rowcount)
 
-    @operation
+    @operation(fallback=_answer(0))
     def cleanup(self, batch_size: int = 1000, *, all_users: bool = False) -> int:
         """Delete expired rows in batches of `batch_size`; returns how many were removed.
 
@@ -498,27 +665,143 @@ class Cache:
             if removed < batch_size:
                 return total
 
-    @operation
+    @operation(fallback=_stats_without_database)
     def stats(self) -> dict:
-        """Counts of this user's live entries and of expired rows not yet removed."""
+        """This user's live entries and expired rows not yet removed (from SQL), and this
+        object's lookups: hits, misses and guard_skips (answered by the guard without SQL),
+        database `errors` and the `last_error` (failsafe.py), and rows it removed on
+        write: `expired_on_write` and `trimmed` past max_entries (expiry.py)::
+
+            cache.stats()   # {'entries': 3, 'expired': 0, 'hits': 10, 'misses': 2, 'guard_skips': 40, 'guard': 'trusted',
+                            #  'errors': 0, 'last_error': None, 'expired_on_write': 0, 'trimmed': 0}
+        """
         live, expired = yield self._s.count, {}, _first_row
-        return {"entries": live, "expired": expired}
+        return {"entries": live, "expired": expired, **self._counters()}
+
+    def _counters(self) -> dict:
+        # What this object counted itself, so stats() can report it even while the database is down.
+        guard = self.guard.state if self.guard is not None else "off"
+        return {**self._lookups, "guard": guard, **self._failsafe.counters(), **self._expiry.counters()}
+
+    def _expire_on_write(self, writes: int):
+        # Steps a write adds every N writes (expiry.py); their failure never fails the write itself.
+        due = self._expiry.due(writes)
+        if due is NOTHING_DUE:
+            return
+        expired = trimmed = 0
+        try:
+            if due.expire:
+                expired = yield self._s.expire_batch, {"batch": due.expire}, _rowcount
+            if due.trim:
+                trimmed = yield self._s.trim, {"keep": self._expiry.max_entries, "batch": due.trim}, _rowcount
+        except DATABASE_ERRORS as error:
+            self._expiry.failed(error)
+        self._expiry.removed(expired, trimmed)
+
+    # -- for the negative-lookup guard (guard.py) ----------------------------------------
+
+    @operation
+    def _key_page(self, after: str, batch_size: int) -> list[str]:
+        # One page of the guard's warm-up: keyset pagination over the primary key.
+        return (yield self._s.key_page, {"after": after, "batch": batch_size}, _scalars)
+
+    @operation
+    def _current_user(self) -> str:
+        # The user_id this cache's rows carry, which the guard's hashes include.
+        return (yield self._s.whoami, {}, _scalar)
+
+    @operation
+    def _has_notify_trigger(self, trigger: str) -> bool:
+        # Migration 0002's trigger: without it other processes' inserts would go unnoticed.
+        params = {"schema": self.schema, "table": self.table, "trigger": trigger}
+        return bool((yield _HAS_TRIGGER, params, _scalar))
+
+    @operation
+    def _notify(self, channel: str, payload: str) -> None:
+        # The guard's probe that notifications really arrive.
+        yield _NOTIFY, {"channel": channel, "payload": payload}, _nothing
 
     # -- helpers for callers ----------------------------------------------------------
 
-    def get_or_set(self, key, fn: Callable[[], Any], ttl=None):
+    def get_or_set(self, key, fn: Callable[[], Any], ttl=None, *, lock: bool = True, wait: float = 5.0):
         """Return the cached value of `key`, computing and storing `fn()` on a miss::
 
             profile = cache.get_or_set(f"profile:{uid}", lambda: load_profile(uid), ttl=300)
+
+        With `lock=True` a stampede computes once: the first caller to miss runs
+        `fn` holding a transaction-level advisory lock on (user, key); the others
+        wait up to `wait` seconds for its commit and return what it stored (past
+        `wait`, or if `fn` raised, they compute it themselves). This needs an
+        Engine bind: on a Session or Connection the lock would last until the
+        caller commits, so it is skipped.
         """
         normalize_ttl(ttl)
+        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 < wait <= 3600:
+            raise ValueError(f"wait must be a number of seconds in (0, 3600], got {wait!r}")
         value = self.get(key, _MISSING)
-        if value is _MISSING:
-            value = fn()
-            self.set(key, value, ttl)
+        if value is not _MISSING:
+            return value
+        if lock and isinstance(self.bind, Engine):
+            return self._fill_locked(key, fn, ttl, wait)
+        return self._fill(key, fn, ttl)
+
+    def _fill(self, key, fn, ttl):
+        # The plain miss path: compute, store, return.
+        value = fn()
+        self.set(key, value, ttl)
         return value
 
-    def cached(self, ttl=None, key: str | Callable[..., str] | None = None):
+    def _fill_locked(self, key, fn, ttl, wait):
+        # The first caller to miss computes under the key's advisory lock; the rest wait for its commit, then read.
+        connection = self._lock_connection()
+        if connection is not None:
+            with connection, connection.begin():
+                twin = self._bound_to(connection)
+                if twin._lock_turn(key, wait):
+                    value = twin.get(key, _MISSING)  # stored while we waited, or just before we locked
+                    if value is _MISSING:
+                        value = twin._fill(key, fn, ttl)
+                    self._remember([normalize_key(key)])
+                    return value
+        return self._fill(key, fn, ttl)
+
+    def _lock_connection(self):
+        # A pooled connection of its own for the lock's transaction (READ COMMITTED, so waiters see the commit).
+        try:
+            try:
+                return self.bind.connect().execution_options(isolation_level="READ COMMITTED")
+            except sa_exc.DBAPIError as error:
+                raise translate(error, self._where) from error
+            except sa_exc.TimeoutError:
+                raise pool_timeout_error(self.bind.pool) from None
+        except DATABASE_ERRORS as error:
+            if not self._failsafe.absorb(error, "get_or_set"):
+                raise
+            return None
+
+    def _bound_to(self, connection) -> "Cache":
+        # This cache on one connection, so the lock, the re-read and the store share one transaction. Its
+        # reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears of it.
+        twin = copy.copy(self)
+        twin.bind, twin.guard = connection, None
+        return twin
+
+    @operation(fallback=_answer(False))
+    def _lock_turn(self, key, wait: float) -> bool:
+        # get_or_set: take the key's lock if free, else wait up to `wait` s for its holder; False if that timed out.
+        params = {"k": normalize_key(key)}
+        if (yield self._s.try_lock, params, _scalar):
+            return True
+        milliseconds = max(1, round(wait * 1000))
+        limits = {"lock_ms": str(milliseconds), "statement_ms": str(milliseconds + 1000)}
+        yield self._s.lock_wait, limits, _nothing
+        try:
+            yield self._s.wait_lock, params, _nothing
+        except CacheTimeoutError:
+            return False
+        return True
+
+    def cached(self, ttl=None, key: str | Callable[..., str] | None = None, *, lock: bool = True):
         """Decorator caching a function's result per arguments::
 
             @cache.cached(ttl=60)
@@ -526,6 +809,7 @@ class Cache:
 
         `key` is a fixed key, or a function of the call's arguments returning one;
         by default the key is the function's name and a hash of its arguments.
+        `lock` protects against stampedes as in `get_or_set`.
         """
         normalize_ttl(ttl)
 
@@ -533,7 +817,7 @@ class Cache:
             @functools.wraps(fn)
             def wrapper(*args, **kwargs):
                 cache_key = _call_key(fn, key, args, kwargs)
-                return self.get_or_set(cache_key, lambda: fn(*args, **kwargs), ttl)
+                return self.get_or_set(cache_key, lambda: fn(*args, **kwargs), ttl, lock=lock)
 
             return wrapper
 
@@ -574,32 +858,35 @@ def _pattern(pattern) -> str:
         raise TypeError(f"pattern must be a str glob, not {type(pattern).__name__}")
     if "\x00" in pattern:
         raise ValueError("patterns cannot contain NUL characters")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"pattern is {len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
     return glob_to_regex(pattern)
 
 
-def _nothing(result):
+def _nothing(cursor):
     return None
 
 
-def _first_row(result):
-    return result.first()
+def _first_row(cursor):
+    return cursor.fetchone()
 
 
-def _all_rows(result):
-    return result.all()
+def _all_rows(cursor):
+    return cursor.fetchall()
 
 
-def _scalar(result):
-    return result.scalar()
+def _scalar(cursor):
+    row = cursor.fetchone()
+    return None if row is None else row[0]
 
 
-def _scalars(result):
-    return result.scalars().all()
+def _scalars(cursor):
+    return [row[0] for row in cursor.fetchall()]
 
 
-def _returned_any(result):
-    return result.first() is not None
+def _returned_any(cursor):
+    return cursor.fetchone() is not None
 
 
-def _rowcount(result):
-    return result.rowcount
+def _rowcount(cursor):
+    return cursor.rowcount

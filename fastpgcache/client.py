@@ -7,6 +7,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 
 from .cache import Cache
 from .errors import CacheConnectionError, connection_hint
+from .failsafe import discard_dead_connections
+from .guard import NegativeLookupGuard
 
 DRIVER = "postgresql+psycopg2"
 
@@ -24,6 +26,18 @@ def _connect_args(target: URL, prepare_threshold: int | None) -> dict:
         raise ValueError("prepare_threshold needs psycopg 3: use a postgresql+psycopg:// URL "
                          "(pip install 'fastpgcache[psycopg3]')")
     return {}
+
+
+def _timeout_options(target: URL, statement_timeout: float | None, lock_timeout: float | None) -> dict:
+    # libpq's startup `options`, so the limits hold from the first statement at no extra round trip.
+    settings = {"statement_timeout": statement_timeout, "lock_timeout": lock_timeout}
+    for name, seconds in settings.items():
+        if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0):
+            raise ValueError(f"{name} must be a positive number of seconds, or None for the server's own; got {seconds!r}")
+    given = target.query.get("options")
+    parts = [given] if isinstance(given, str) else list(given or ())
+    parts += [f"-c {name}={max(1, round(seconds * 1000))}" for name, seconds in settings.items() if seconds]
+    return {"options": " ".join(parts)} if parts else {}
 
 
 def build_url(connection_string: str | None = None, *, url: str | URL | None = None, host: str = "localhost",
@@ -69,6 +83,12 @@ class FastPgCache(Cache):
     A `postgresql+psycopg://` URL uses psycopg 3, which runs the cache's
     statements as server-side prepared statements after `prepare_threshold`
     runs; behind a transaction-mode pooler pass `prepare_threshold=None`.
+
+    No call waits forever: `statement_timeout` (5 s) and `lock_timeout` (1 s)
+    are set for every connection (None leaves the server's setting), and a
+    caller waits at most `pool_timeout` (30 s) for one of `maxconn` busy
+    connections before a `CacheTimeoutError`. `failsafe=True` answers database
+    errors as cache misses instead of raising (see `Cache`).
     """
 
     def __init__(self, connection_string: str | None = None, host: str = "localhost", port: int = 5432,
@@ -77,9 +97,13 @@ class FastPgCache(Cache):
                  cuckoo_capacity: int = 1_000_000, instance_name: str | None = None, profile: str | None = None,
                  *, url: str | URL | None = None, engine: Engine | None = None, table: str | None = None,
                  user_id: str | None = None, pickle: bool = False, pool_timeout: float = 30.0,
-                 prepare_threshold: int | None = PREPARE_THRESHOLD):
+                 prepare_threshold: int | None = PREPARE_THRESHOLD, statement_timeout: float | None = 5.0,
+                 lock_timeout: float | None = 1.0, failsafe: bool = False, on_error=None,
+                 expire_every: int | None = 50, max_entries: int | None = None):
         if not (isinstance(minconn, int) and isinstance(maxconn, int) and 0 <= minconn <= maxconn and maxconn >= 1):
             raise ValueError(f"need 0 <= minconn <= maxconn and maxconn >= 1, got minconn={minconn} maxconn={maxconn}")
+        if not isinstance(cuckoo_capacity, int) or isinstance(cuckoo_capacity, bool) or cuckoo_capacity < 1:
+            raise ValueError(f"cuckoo_capacity must be a positive int (keys per user), got {cuckoo_capacity!r}")
         self.use_cuckoo_filter = use_cuckoo_filter
         self.cuckoo_capacity = cuckoo_capacity
         self.token_provider = None
@@ -87,23 +111,36 @@ class FastPgCache(Cache):
         if engine is None:
             target = build_url(connection_string, url=url, host=host, port=port, database=database, user=user,
                                password=None if instance_name else password)
+            # AUTOCOMMIT: every cache call is a single statement, so it needs no BEGIN/COMMIT round trips.
+            if not isinstance(pool_timeout, (int, float)) or isinstance(pool_timeout, bool) or pool_timeout <= 0:
+                raise ValueError(f"pool_timeout must be a positive number of seconds, got {pool_timeout!r}")
             engine = create_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout,
-                                   connect_args=_connect_args(target, prepare_threshold))
+                                   isolation_level="AUTOCOMMIT",
+                                   connect_args={**_connect_args(target, prepare_threshold),
+                                                 **_timeout_options(target, statement_timeout, lock_timeout)})
+            discard_dead_connections(engine)
         if instance_name:
             from .databricks import provider_for_instance, attach
 
             self.token_provider = provider_for_instance(instance_name, profile)
             attach(engine, self.token_provider)
-        super().__init__(engine, schema=schema, table=table, user_id=user_id, pickle=pickle)
+        super().__init__(engine, schema=schema, table=table, user_id=user_id, pickle=pickle, failsafe=failsafe,
+                         on_error=on_error, expire_every=expire_every, max_entries=max_entries)
         self._open(minconn)
+        if use_cuckoo_filter and self._owns_engine:
+            # Lookups go to the database until the guard has warmed in its own thread.
+            self.guard = NegativeLookupGuard(self, cuckoo_capacity).start()
 
     def _open(self, count: int) -> None:
         # Fill the pool now: a wrong host or password is reported by the constructor.
         try:
             connections = [self.bind.connect() for _ in range(count)]
         except sa_exc.DBAPIError as error:
+            failure = CacheConnectionError(f"cannot connect to the database: {connection_hint(error)}")
+            if self._failsafe.absorb(failure, "connect"):  # failsafe: start anyway, answering as misses
+                return
             self.close()
-            raise CacheConnectionError(f"cannot connect to the database: {connection_hint(error)}") from None
+            raise failure from None
         except CacheConnectionError:  # raised by the Databricks login hook, already in its own words
             self.close()
             raise
@@ -114,7 +151,9 @@ class FastPgCache(Cache):
         return f"<FastPgCache {self.bind.url!r} {self.schema}.{self.table}>"
 
     def close(self) -> None:
-        """Close every pooled connection and stop the token refresher, if any."""
+        """Close every pooled connection and stop the negative-lookup guard and token refresher, if any."""
+        if self.guard is not None:
+            self.guard.stop()
         if self.token_provider is not None:
             self.token_provider.stop()
         if self._owns_engine:

@@ -22,7 +22,11 @@ class CachePermissionError(CacheError, PermissionError):
 
 
 class CacheConnectionError(CacheError, ConnectionError):
-    """The database could not be reached or refused the login."""
+    """The database could not be reached, refused the login, or dropped the connection during a call."""
+
+
+class CacheTimeoutError(CacheError, TimeoutError):
+    """A call waited too long: for a pooled connection, a lock, or the statement itself."""
 
 
 def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
@@ -54,6 +58,15 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
             f"{detail}. Ask the cache admin to grant access: `fastpgcache-admin --grant-to ROLE` "
             f"(table {where})"
         )
+    if state in ("57014", "55P03"):  # query_canceled (statement_timeout), lock_not_available (lock_timeout)
+        setting = "lock_timeout" if state == "55P03" else "statement_timeout"
+        return CacheTimeoutError(f"{_first_line(error)}: the call waited longer than {setting} allows "
+                                 f"(raise it, e.g. FastPgCache({setting}=...), or find what holds the lock)")
+    if error.connection_invalidated or state in ("57P01", "57P02", "08003"):  # admin/crash shutdown, gone
+        return CacheConnectionError(
+            f"lost the database connection during the call: {_first_line(error)} (the server restarted, crashed "
+            "or ended the session; the interrupted statement was rolled back unless it had already committed, "
+            "so the call can be retried)")
     if isinstance(error, sa_exc.OperationalError) and state in (None, "08001", "08006", "28P01", "28000", "57P03"):
         return CacheConnectionError(f"cannot connect to the database: {connection_hint(error)}")
     return error
@@ -70,3 +83,10 @@ def connection_hint(error: sa_exc.DBAPIError) -> str:
     if "does not exist" in lowered:
         return f"{detail} (check the database and user names)"
     return detail
+
+
+def pool_timeout_error(pool) -> CacheTimeoutError:
+    """The error for a caller that waited `pool_timeout` for one of `maxconn` busy connections."""
+    return CacheTimeoutError(
+        f"all {pool.size()} pooled connections (maxconn) stayed busy for {pool.timeout():g} s (pool_timeout): "
+        "raise maxconn or pool_timeout, or hold connections for less time")
