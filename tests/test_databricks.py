@@ -170,10 +170,11 @@ def test_new_connections_use_the_renewed_token_and_open_ones_keep_working(role, 
     assert len(workspace.calls) == 2
 
 
-def test_a_token_the_server_refuses_is_replaced_once(role, role_url):
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_token_the_server_refuses_is_replaced_once(role, role_url, driver):
     workspace = FakeWorkspace(role.password)
     provider = provider_for(workspace)
-    engine = create_engine(role_url)
+    engine = create_engine(role_url.set(drivername=f"postgresql+{driver}"))
     attach(engine, provider)
     try:
         workspace.token = role.rotate()  # revoked early: the provider's token is still "fresh"
@@ -183,11 +184,12 @@ def test_a_token_the_server_refuses_is_replaced_once(role, role_url):
         engine.dispose()
 
 
-def test_a_stale_token_fails_with_a_clear_error(role, role_url, cache_schema):
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_stale_token_fails_with_a_clear_error(role, role_url, cache_schema, driver):
     old = role.password
     workspace = FakeWorkspace(old)
     provider = provider_for(workspace)
-    engine = create_engine(role_url)
+    engine = create_engine(role_url.set(drivername=f"postgresql+{driver}"))
     attach(engine, provider)
     try:
         role.rotate()  # Databricks keeps handing out the old token
@@ -250,7 +252,8 @@ def test_get_token_does_not_wait_for_a_slow_renewal_while_its_token_is_valid():
     workspace.gate = threading.Event()
     renewer = threading.Thread(target=provider.refresh_token, daemon=True)
     renewer.start()
-    while len(workspace.calls) < 2:
+    deadline = time.monotonic() + 2
+    while len(workspace.calls) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     started = time.monotonic()
     assert provider.get_token() == "token-1"
@@ -343,7 +346,7 @@ def test_background_thread_renews_short_lived_tokens_and_stops():
         deadline = time.monotonic() + 2
         while len(workspace.calls) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(workspace.calls) >= 4  # renewed half way through each 0.4 s life
+        assert len(workspace.calls) >= 4  # renewed 0.1 s before the end of each 0.4 s life
     finally:
         provider.stop()
     assert not provider._thread.is_alive()
