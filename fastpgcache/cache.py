@@ -26,6 +26,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy import exc as sa_exc
@@ -243,10 +244,10 @@ def _statements(table_name: str, user_id: str | None) -> _Statements:
 
 # The guard's listener runs these; LISTEN takes an identifier, so it cannot be a bound parameter.
 _NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
-_HAS_TRIGGER = select(literal_column(
-    "EXISTS (SELECT 1 FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid"
+_HAS_TRIGGER = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid"
     " JOIN pg_namespace n ON n.oid = c.relnamespace"
-    " WHERE n.nspname = :schema AND c.relname = :table AND g.tgname = :trigger AND g.tgenabled <> 'D')"))
+    " WHERE n.nspname = :schema AND c.relname = :table AND g.tgname = :trigger AND g.tgenabled <> 'D')")
 
 
 def listen_sql(channel: str) -> str:
@@ -401,7 +402,7 @@ class Cache:
         # One retry of a read when the pooled connection turns out dead (server restarted);
         # writes are not retried: the first try may have committed (incr would count twice).
         for attempt in (1, 2):
-            pooled = self.bind.raw_connection()
+            pooled = self._checkout()
             driver = pooled.driver_connection
             autocommit = driver.autocommit
             try:
@@ -416,6 +417,14 @@ class Cache:
                 if pooled.is_valid:
                     driver.autocommit = autocommit
                 pooled.close()
+
+    def _checkout(self):
+        # raw_connection() lets a refused connection out as the bare driver error; wrap it for translate().
+        dbapi_error = self.bind.dialect.loaded_dbapi.Error
+        try:
+            return self.bind.raw_connection()
+        except dbapi_error as error:
+            raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error, dialect=self.bind.dialect) from None
 
     def _run(self, pooled, dialect, statement, params, consume):
         # The statement is compiled once per dialect and executed on the driver's own

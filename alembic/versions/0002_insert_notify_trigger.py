@@ -1,0 +1,75 @@
+"""NOTIFY every process's negative-lookup guard of inserted keys, as short hashes.
+
+A statement-level AFTER INSERT trigger reads the statement's inserted rows
+from its transition table and sends `hex(sha256(user_id || NUL || key)[:8])`
+tokens, space separated, in notifications under the 8,000-byte payload
+limit. Any role may LISTEN on any channel, so neither keys nor user names are
+ever sent in clear. A statement inserting more keys than a few dozen messages
+hold sends "reset" instead, and every guard re-reads the table.
+
+Upserts that update an existing row fire no INSERT trigger: the guard's
+warm-up reads expired rows too, so such keys are already in its filter.
+
+Revision ID: 0002_insert_notify_trigger
+Revises: 0001_cache_table
+Create Date: 2026-11-25
+"""
+from alembic import context, op
+
+from fastpgcache.guard import HASH_BYTES, notify_channel, notify_function_name
+
+revision = "0002_insert_notify_trigger"
+down_revision = "0001_cache_table"
+branch_labels = None
+depends_on = None
+
+HASHES_PER_MESSAGE = 450
+"""17 bytes per token (16 hex digits and a space): 7,650 bytes, under the 8,000-byte limit."""
+
+MAX_MESSAGES = 64
+"""Beyond this many messages (28,800 keys) one statement sends "reset" instead."""
+
+
+def _names():
+    options = context.config.attributes["fastpgcache"]
+    dialect = op.get_bind().dialect
+    name = notify_function_name(options.table)
+    return options, options.qualified_table(dialect), f"{options.quote(dialect, options.schema)}.{options.quote(dialect, name)}", options.quote(dialect, name)
+
+
+def upgrade() -> None:
+    options, table, function, trigger = _names()
+    most = HASHES_PER_MESSAGE * MAX_MESSAGES
+    op.execute(f"""
+CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $body$
+DECLARE
+    messages text[];
+    total bigint;
+    message text;
+BEGIN
+    -- Reads at most one row past the limit, so a huge statement costs little here.
+    SELECT array_agg(tokens), sum(n) INTO messages, total FROM (
+        SELECT string_agg(token, ' ') AS tokens, count(*) AS n
+        FROM (SELECT encode(substr(sha256(convert_to(user_id, 'UTF8') || decode('00', 'hex')
+                                          || convert_to(key, 'UTF8')), 1, {HASH_BYTES}), 'hex') AS token,
+                     (row_number() OVER () - 1) / {HASHES_PER_MESSAGE} AS part
+              FROM (SELECT user_id, key FROM inserted LIMIT {most + 1}) AS capped) AS hashed
+        GROUP BY part) AS grouped;
+    IF total > {most} THEN
+        PERFORM pg_notify('{notify_channel(options.schema, options.table)}', 'reset');
+    ELSIF total > 0 THEN
+        FOREACH message IN ARRAY messages LOOP
+            PERFORM pg_notify('{notify_channel(options.schema, options.table)}', message);
+        END LOOP;
+    END IF;
+    RETURN NULL;
+END
+$body$""")
+    op.execute(f"CREATE TRIGGER {trigger} AFTER INSERT ON {table} REFERENCING NEW TABLE AS inserted"
+               f" FOR EACH STATEMENT EXECUTE FUNCTION {function}()")
+
+
+def downgrade() -> None:
+    options, table, function, trigger = _names()
+    op.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {table}")
+    op.execute(f"DROP FUNCTION IF EXISTS {function}()")
