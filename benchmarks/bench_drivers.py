@@ -18,12 +18,13 @@ import uuid
 
 import psycopg
 import psycopg2
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from fastpgcache import FastPgCache, setup_cache
+from fastpgcache import FastPgCache, codec, setup_cache
 from fastpgcache.aio import AsyncCache
+from fastpgcache.bench import capture_sql
 from fastpgcache.embedded import default_url
 
 VALUE = {"name": "Alice", "roles": ["admin", "dev"], "pad": "x" * 60}
@@ -38,20 +39,6 @@ def libpq_dsn(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-def captured_sql(client: FastPgCache) -> dict:
-    """The SQL text and parameters the library sends for one get and one set, for the raw replay."""
-    sent = {}
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        sent["get" if statement.lstrip().upper().startswith("SELECT") else "set"] = (statement, dict(parameters))
-
-    event.listen(client.bind, "before_cursor_execute", record)
-    client.get(KEYS[0])
-    client.set(KEYS[0], VALUE, ttl=3600)
-    event.remove(client.bind, "before_cursor_execute", record)
-    return sent
-
-
 class RawReplay:
     """A raw driver connection in autocommit replaying the library's captured statements."""
 
@@ -59,6 +46,7 @@ class RawReplay:
         self.cursor = connection.cursor()
         self.sent = sent
         self.options = execute_options
+        self.encoded = codec.serialize(VALUE)
 
     def get(self, key):
         statement, params = self.sent["get"]
@@ -67,7 +55,8 @@ class RawReplay:
 
     def set(self, key, value, ttl=None):
         statement, params = self.sent["set"]
-        self.cursor.execute(statement, {**params, "k": key}, **self.options)
+        flags, data = self.encoded
+        self.cursor.execute(statement, {**params, "k": key, "val": data, "flg": flags, "ttl": ttl}, **self.options)
 
 
 class AsyncRunner:
@@ -143,9 +132,10 @@ def main() -> None:
     raw2.autocommit = True
     raw3 = psycopg.connect(libpq_dsn(url), autocommit=True)
     on_async = AsyncRunner(driver_url(url, "psycopg"), schema)
+    sent = capture_sql(url.set(drivername="postgresql+psycopg2"), schema)  # the exact SQL the library sends
     contenders = {
-        "raw psycopg2 (floor)": RawReplay(raw2, captured_sql(on_psycopg2)),
-        "raw psycopg 3, prepared": RawReplay(raw3, captured_sql(on_psycopg), prepare=True),
+        "raw psycopg2 (floor)": RawReplay(raw2, sent),
+        "raw psycopg 3, prepared": RawReplay(raw3, sent, prepare=True),
         "fastpgcache psycopg2": on_psycopg2,
         "fastpgcache psycopg 3, unprepared": on_psycopg,
         "fastpgcache psycopg 3, prepared": prepared,

@@ -17,17 +17,25 @@ except ImportError as missing:  # greenlet is not installed
 
 from .cache import _MISSING, Cache, _call_key, _negate, _pattern, _positive, normalize_ttl
 from .errors import translate
+from .failsafe import DATABASE_ERRORS
 
 
 def _awaitable(operation):
     """The async twin of one `Cache` operation: same steps, awaited instead of blocked on."""
-    steps = operation.steps
+    steps, fallback = operation.steps, operation.fallback
 
     @functools.wraps(operation)
     async def run(self, *args, **kwargs):
-        return await self._drive(steps(self, *args, **kwargs))
+        try:
+            result = await self._drive(steps(self, *args, **kwargs))
+        except DATABASE_ERRORS as error:
+            if fallback is None or not self._failsafe.absorb(error, steps.__name__):
+                raise
+            return fallback(self, *args, **kwargs)
+        self._failsafe.succeeded()
+        return result
 
-    run.steps = steps
+    run.steps, run.fallback = steps, fallback
     return run
 
 
@@ -44,13 +52,19 @@ class AsyncCache(Cache):
         await cache.set("user:1", {"name": "Alice"}, ttl=3600)
         await cache.get("user:1")          # {'name': 'Alice'}
 
-    There is no negative-lookup filter here: every `get` asks the database.
+    Options are those of `Cache` (schema, table, user_id, pickle, failsafe,
+    on_error, expire_every, max_entries), except that there is no
+    negative-lookup guard here: every `get` asks the database.
     """
 
     _bind_types: tuple = (AsyncSession, AsyncConnection, AsyncEngine)
 
     def __init__(self, bind, **options):
+        if options.get("guard") is not None:
+            raise ValueError("AsyncCache has no negative-lookup guard (its filter is fed by blocking calls); "
+                             "leave guard unset")
         super().__init__(bind, **options)
+        self._options = {"schema_translate_map": {None: self.schema}}
         if isinstance(bind, AsyncEngine):
             # As in Cache: one statement is atomic, so skip the BEGIN/COMMIT round trips.
             self._engine = bind.execution_options(isolation_level="AUTOCOMMIT")
@@ -82,13 +96,14 @@ class AsyncCache(Cache):
             raise translate(error, self._where) from error
 
     async def _execute_on_engine(self, statement, params, consume):
-        # One retry on a connection found dead (server restarted), as Cache does.
+        # As Cache: one retry of a read on a connection found dead (server restarted);
+        # never of a write, which may have committed before the connection dropped.
         for attempt in (1, 2):
             try:
                 async with self._engine.connect() as connection:
                     return consume(await connection.execute(statement, params, execution_options=self._options))
             except sa_exc.DBAPIError as error:
-                if attempt == 2 or not error.connection_invalidated:
+                if attempt == 2 or not error.connection_invalidated or not statement.is_select:
                     raise
 
     # -- what is not a single operation ---------------------------------------------
