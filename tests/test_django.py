@@ -499,7 +499,7 @@ def test_cache_entries_are_readable_by_plain_cache_with_pickle(cache, django_sch
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"MAX_ENTRIES": 100}, "never culls"),
+    ({"MAX_ENTRIES": 100}, "does not cull"),
     ({"shcema": "x"}, "unknown fastpgcache OPTIONS"),
 ])
 def test_unknown_options_are_refused(django_schemas, pg_url, options, message):
@@ -550,3 +550,31 @@ def test_setup_command_refuses_other_backends_and_unknown_aliases(django_schemas
         call_command("setup_fastpgcache", "local")
     with pytest.raises(CommandError, match="no cache 'nope'"):
         call_command("setup_fastpgcache", "nope")
+
+
+def test_failsafe_option_turns_an_outage_into_misses(django_schemas):
+    from fastpgcache import CacheConnectionError
+
+    down = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens on port 1
+    backend = FastPgCache(down, {"OPTIONS": {"failsafe": True}})
+    assert backend.get("k", "default") == "default"
+    assert backend.add("k", 1) is False
+    assert backend.has_key("k") is False
+    assert backend.get_many(["k"]) == {}
+    with pytest.raises(CacheConnectionError):
+        FastPgCache(down, {}).get("k")
+
+
+def test_max_entries_is_an_opt_in_cap(django_schemas, pg_url, engine):
+    schema = f"djcap_{uuid.uuid4().hex[:8]}"
+    setup_cache(engine=engine, schema=schema)
+    try:
+        backend = FastPgCache(pg_url, {"OPTIONS": {"schema": schema, "max_entries": 10, "expire_every": 1}})
+        for i in range(30):
+            backend.set(f"k{i}", i)
+        assert backend.store.stats()["entries"] <= 11
+        assert backend.get("k29") == 29  # the newest stay; the oldest went first
+        assert backend.get("k0") is None
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

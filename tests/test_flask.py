@@ -208,3 +208,11 @@ def test_cache_writes_roll_back_with_a_failed_request(notes_app):
     assert app.test_client().post("/notes/junk", data="buy spam").status_code == 400
     assert outside.get("note:junk") is None
     assert not outside.exists("note:junk")
+
+
+def test_failsafe_setting_follows_flask_cachings_error_conventions(schema):
+    app = make_app("postgresql://postgres@127.0.0.1:1/postgres", schema, CACHE_FASTPGCACHE_FAILSAFE=True)
+    backend = flask_caching.Cache(app).cache
+    assert backend.set("k", 1) is False  # "False for backend errors"
+    assert backend.get("k") is None
+    assert backend.has("k") is False

@@ -28,8 +28,12 @@ OPTIONS = {
     "table": "name of the cache table (default cache)",
     "user_id": "role whose rows to use, for a connection that may act for several (default: the login role)",
     "engine_options": "dict of keyword arguments for sqlalchemy.create_engine (pool_size, ...)",
+    "failsafe": "True to turn database errors into misses (logged) instead of exceptions",
+    "expire_every": "delete a batch of expired rows every N writes (default 50; None: never)",
+    "max_entries": "cap on this role's entries, oldest removed first (default: no cap)",
 }
 """What OPTIONS may hold; anything else is refused so a typo does not pass silently."""
+_CACHE_OPTIONS = ("schema", "table", "user_id", "failsafe", "expire_every", "max_entries")
 
 
 class FastPgCache(BaseCache):
@@ -50,19 +54,19 @@ class FastPgCache(BaseCache):
         if not location:
             raise ImproperlyConfigured("fastpgcache needs LOCATION: a SQLAlchemy URL such as postgresql://user@host/db")
         engine = shared_engine(location, options.get("engine_options"))
-        self.store = Cache(engine, schema=options.get("schema"), table=options.get("table"),
-                           user_id=options.get("user_id"), pickle=True)
+        passed = {name: options[name] for name in _CACHE_OPTIONS if name in options}
+        self.store = Cache(engine, pickle=True, **passed)
         """The fastpgcache `Cache` underneath, for what Django's API lacks: ttl(), keys(), cleanup()."""
 
     @staticmethod
     def _check_options(options: dict) -> None:
-        # MAX_ENTRIES/CULL_FREQUENCY belong to culling backends; this one keeps every entry until it expires.
+        # MAX_ENTRIES/CULL_FREQUENCY (default 300) belong to culling backends; a cap here is opt-in (max_entries).
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             accepted = "; ".join(f"{name}: {meaning}" for name, meaning in OPTIONS.items())
             raise ImproperlyConfigured(
-                f"unknown fastpgcache OPTIONS {unknown} (this backend never culls, so MAX_ENTRIES and "
-                f"CULL_FREQUENCY do not apply; expired rows go with `fastpgcache-admin --cleanup`). "
+                f"unknown fastpgcache OPTIONS {unknown} (this backend does not cull, so MAX_ENTRIES and "
+                f"CULL_FREQUENCY do not apply; set max_entries to cap the entries). "
                 f"Accepted: {accepted}")
 
     def __repr__(self) -> str:

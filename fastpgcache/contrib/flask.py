@@ -8,6 +8,7 @@
 
 Optional settings: CACHE_FASTPGCACHE_SCHEMA, CACHE_FASTPGCACHE_TABLE,
 CACHE_FASTPGCACHE_ENGINE_OPTIONS (keyword arguments for create_engine),
+CACHE_FASTPGCACHE_FAILSAFE (True: database errors read as misses and failed writes),
 CACHE_KEY_PREFIX and CACHE_DEFAULT_TIMEOUT as for every Flask-Caching backend.
 """
 from __future__ import annotations
@@ -33,11 +34,12 @@ class FastPgCache(BaseCache):
     """
 
     def __init__(self, url, default_timeout: int = 300, key_prefix: str = "", *, schema: str | None = None,
-                 table: str | None = None, engine_options: dict | None = None,
+                 table: str | None = None, engine_options: dict | None = None, failsafe: bool = False,
                  ignore_delete_many_errors: bool = False):
         super().__init__(default_timeout=default_timeout, ignore_delete_many_errors=ignore_delete_many_errors)
         self.key_prefix = key_prefix or ""
-        self.store = Cache(shared_engine(url, engine_options), schema=schema, table=table, pickle=True)
+        self.store = Cache(shared_engine(url, engine_options), schema=schema, table=table, pickle=True,
+                           failsafe=failsafe)
         """The fastpgcache `Cache` underneath (keys without the prefix added)."""
 
     @classmethod
@@ -49,7 +51,8 @@ class FastPgCache(BaseCache):
                              "a SQLAlchemy URL such as postgresql://user@host/db")
         kwargs = {**kwargs, "key_prefix": config.get("CACHE_KEY_PREFIX") or "",
                   "schema": config.get("CACHE_FASTPGCACHE_SCHEMA"), "table": config.get("CACHE_FASTPGCACHE_TABLE"),
-                  "engine_options": config.get("CACHE_FASTPGCACHE_ENGINE_OPTIONS")}
+                  "engine_options": config.get("CACHE_FASTPGCACHE_ENGINE_OPTIONS"),
+                  "failsafe": bool(config.get("CACHE_FASTPGCACHE_FAILSAFE", False))}
         return cls(url, *args, **kwargs)
 
     def __repr__(self) -> str:
