@@ -1,0 +1,315 @@
+"""The negative-lookup guard: never a false miss, across connections, processes and restarts."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+
+from fastpgcache import Cache, FastPgCache
+from fastpgcache.guard import NegativeLookupGuard, _Listener, key_token, notify_channel
+from fastpgcache.cache import listen_sql
+
+
+def eventually(check, timeout: float = 5.0):
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.005)
+    pytest.fail(f"condition not met within {timeout} s")
+
+
+def start_guard(cache: Cache, capacity: int = 10_000) -> NegativeLookupGuard:
+    cache.guard = NegativeLookupGuard(cache, capacity).start()
+    return cache.guard
+
+
+@pytest.fixture
+def guarded(engine, schema):
+    """A Cache whose guard is trusted."""
+    cache = Cache(engine, schema=schema)
+    assert start_guard(cache).wait_until_trusted(10)
+    yield cache
+    cache.guard.stop()
+
+
+@pytest.fixture
+def writer(engine, schema):
+    """Another client of the same table, with no guard: writes the guarded cache has never seen."""
+    return Cache(engine, schema=schema)
+
+
+def url_string(pg_url) -> str:
+    return make_url(pg_url).render_as_string(hide_password=False)
+
+
+def test_notifications_carry_the_hash_the_client_computes(engine, schema, writer):
+    pool = engine.pool.recreate()
+    listener = _Listener(pool)
+    try:
+        listener.listen(notify_channel(schema, "cache"))
+        writer.set_many({"user:1": 1, "ключ": 2})
+        user = writer._current_user()
+        payloads = eventually(lambda: listener.receive(0.1))
+    finally:
+        listener.close()
+    assert sorted(" ".join(payloads).split()) == sorted([key_token(user, "user:1"), key_token(user, "ключ")])
+    assert "user:1" not in payloads[0] and user not in payloads[0]
+
+
+def test_a_trusted_guard_answers_misses_without_touching_the_database(engine, guarded):
+    checkouts = []
+
+    def count(*args):
+        checkouts.append(1)
+
+    event.listen(engine, "checkout", count)
+    try:
+        answers = [guarded.get(f"missing:{i}") for i in range(100)]
+        answers += [guarded.exists("missing:x"), guarded.get_many(["missing:y", "missing:z"])]
+    finally:
+        event.remove(engine, "checkout", count)
+    assert answers == [None] * 100 + [False, {}]
+    stats = guarded.stats()
+    assert stats["guard"] == "trusted" and stats["guard_skips"] >= 100
+    assert len(checkouts) <= 3  # the odd false positive may go to the database; the rest never do
+
+
+def test_this_process_reads_its_own_writes_at_once(guarded):
+    guarded.set("plain", 1)
+    assert guarded.set("only-if-new", 2, nx=True)
+    guarded.set_many({"batch:1": 3, "batch:2": 4})
+    guarded.incr("counter")
+    assert guarded.get("plain") == 1 and guarded.get("only-if-new") == 2 and guarded.get("counter") == 1
+    assert guarded.get_many(["batch:1", "batch:2", "nope"]) == {"batch:1": 3, "batch:2": 4}
+    assert guarded.exists("plain")
+
+
+def test_another_connection_s_insert_is_seen_within_the_notification_window(guarded, writer):
+    assert guarded.get("elsewhere") is None
+    writer.set("elsewhere", "hello")
+    assert eventually(lambda: guarded.get("elsewhere"), timeout=2) == "hello"
+    assert guarded.stats()["guard"] == "trusted"
+
+
+def test_warm_up_holds_expired_rows_so_a_revived_key_is_not_missed(engine, schema, writer):
+    writer.set("revived", "old", ttl=0.2)
+    time.sleep(0.3)
+    cache = Cache(engine, schema=schema)
+    assert start_guard(cache).wait_until_trusted(10)
+    try:
+        assert cache.get("revived") is None
+        writer.set("revived", "new")  # ON CONFLICT DO UPDATE: no insert notification
+        assert cache.get("revived") == "new"
+    finally:
+        cache.guard.stop()
+
+
+def test_a_statement_too_big_to_list_resets_every_guard(guarded, writer):
+    keys = [f"bulk:{i}" for i in range(30_000)]  # more than the trigger lists (28,800)
+    writer.set_many(dict.fromkeys(keys, 1))
+    assert eventually(lambda: guarded.guard.state == "trusted" and len(guarded.get_many(keys)) == len(keys))
+
+
+def test_the_filter_is_rebuilt_larger_when_it_passes_its_capacity(engine, schema, writer):
+    cache = Cache(engine, schema=schema)
+    guard = start_guard(cache, capacity=100)
+    assert guard.wait_until_trusted(10)
+    try:
+        keys = [f"k{i}" for i in range(300)]
+        writer.set_many(dict.fromkeys(keys, "v"))
+        eventually(lambda: guard.stats()["filter_capacity"] >= 300 and guard.state == "trusted")
+        assert len(cache.get_many(keys)) == 300
+    finally:
+        guard.stop()
+
+
+def test_without_the_trigger_the_guard_turns_off_with_one_log_line(engine, schema, writer, caplog):
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP TRIGGER cache_notify_insert ON "{schema}".cache'))
+    writer.set("present", 1)
+    cache = Cache(engine, schema=schema)
+    with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
+        guard = start_guard(cache)
+        assert guard.wait_until_trusted(5) is False
+    assert guard.state.startswith("off: the table has no insert-notification trigger")
+    assert [r.getMessage() for r in caplog.records if "fastpgcache-admin" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+    assert cache.get("present") == 1 and cache.get("absent") is None
+    assert cache.stats()["guard_skips"] == 0
+
+
+def test_without_pybloomfiltermmap3_the_guard_turns_off(engine, schema, writer, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "pybloomfilter", None)  # makes `import pybloomfilter` fail
+    writer.set("present", 1)
+    cache = Cache(engine, schema=schema)
+    with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
+        guard = start_guard(cache)
+    assert "pip install 'fastpgcache[bloom]'" in guard.state and len(caplog.records) == 1
+    assert cache.get("present") == 1
+
+
+def test_a_dropped_listener_stops_answering_until_it_has_re_warmed(engine, guarded, writer):
+    channel = guarded.guard.channel
+    with engine.begin() as connection:
+        killed = connection.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = :q"),
+            {"q": listen_sql(channel)}).scalar()
+    assert killed == 1
+    eventually(lambda: guarded.guard.state != "trusted", timeout=2)
+    writer.set("while-away", 1)  # may land before the new LISTEN: the re-warm must find it
+    assert guarded.get("while-away") == 1
+    assert guarded.guard.wait_until_trusted(10)
+    assert guarded.get("while-away") == 1
+
+
+def test_close_stops_the_listener_thread(pg_url, schema):
+    client = FastPgCache(url=url_string(pg_url), schema=schema)
+    assert client.guard.wait_until_trusted(10)
+    client.close()
+    assert not client.guard._thread.is_alive() and client.guard.state == "stopped"
+    off = FastPgCache(url=url_string(pg_url), schema=schema, use_cuckoo_filter=False)
+    assert off.guard is None and off.stats()["guard"] == "off"
+    off.close()
+
+
+def test_bad_capacity_is_refused(pg_url, schema):
+    with pytest.raises(ValueError, match="cuckoo_capacity must be a positive int"):
+        FastPgCache(url=url_string(pg_url), schema=schema, cuckoo_capacity=0)
+
+
+# -- two OS processes -------------------------------------------------------------------
+
+WRITER = """
+import os, sys, time
+from fastpgcache import FastPgCache
+cache = FastPgCache(url=os.environ["FPC_URL"], schema=os.environ["FPC_SCHEMA"], use_cuckoo_filter=False, maxconn=1)
+if sys.argv[1] == "one":
+    cache.set(sys.argv[2], "from B")
+else:
+    cache.set_many({f"b:{i}": i for i in range(int(sys.argv[2]))})
+print(time.time(), flush=True)
+cache.close()
+"""
+
+
+def run_writer(pg_url, schema, *args) -> subprocess.Popen:
+    # The URL travels in the environment, never on a command line.
+    env = {**os.environ, "FPC_URL": url_string(pg_url), "FPC_SCHEMA": schema}
+    return subprocess.Popen([sys.executable, "-c", WRITER, *args], env=env, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_key_written_by_another_process_is_read_within_100_ms(pg_url, schema):
+    reader = FastPgCache(url=url_string(pg_url), schema=schema)
+    try:
+        assert reader.guard.wait_until_trusted(10)
+        assert reader.get("from-b") is None
+        writer = run_writer(pg_url, schema, "one", "from-b")
+        value = eventually(lambda: reader.get("from-b"), timeout=15)
+        seen = time.time()
+        committed = float(writer.communicate(timeout=15)[0])
+        assert value == "from B"
+        assert seen - committed < 0.1, f"seen {1000 * (seen - committed):.1f} ms after the commit"
+
+        writer = run_writer(pg_url, schema, "many", "10000")
+        assert writer.wait(timeout=30) == 0
+        keys = [f"b:{i}" for i in range(10_000)]
+        found = eventually(lambda: len(reader.get_many(keys)) == 10_000 and reader.get_many(keys), timeout=2)
+        assert found == {key: i for i, key in enumerate(keys)}
+        assert reader.stats()["guard"] == "trusted"
+    finally:
+        reader.close()
+
+
+def test_a_restarted_process_sees_keys_written_before_it_started(pg_url, schema):
+    assert run_writer(pg_url, schema, "many", "5000").wait(timeout=30) == 0
+    restarted = FastPgCache(url=url_string(pg_url), schema=schema)
+    try:
+        assert restarted.guard.wait_until_trusted(10)
+        keys = [f"b:{i}" for i in range(5000)]
+        assert len(restarted.get_many(keys)) == 5000
+        assert all(restarted.get(key) is not None for key in keys[:500])
+        assert restarted.stats()["misses"] == 0
+    finally:
+        restarted.close()
+
+
+# -- behind a transaction-mode pooler -----------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def pgbouncer(pg_url):
+    """A pgbouncer in transaction mode in front of the server under test; yields its URL."""
+    binary = shutil.which("pgbouncer") or next(
+        (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(path)), None)
+    if binary is None:
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+    server = make_url(pg_url)
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="fastpgcache-pgbouncer-")
+    os.chmod(workdir, 0o777)  # pgbouncer refuses to run as root, so it may run as nobody
+    with open(os.path.join(workdir, "userlist.txt"), "w") as handle:
+        handle.write(f'"{server.username}" ""\n')
+    with open(os.path.join(workdir, "pgbouncer.ini"), "w") as handle:
+        handle.write(f"""[databases]
+* = host={server.host} port={server.port}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {workdir}/userlist.txt
+pool_mode = transaction
+ignore_startup_parameters = extra_float_digits,options
+default_pool_size = 4
+logfile = {workdir}/pgbouncer.log
+""")
+    for name in ("userlist.txt", "pgbouncer.ini"):
+        os.chmod(os.path.join(workdir, name), 0o644)
+    switch_user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    process = subprocess.Popen([binary, *switch_user, os.path.join(workdir, "pgbouncer.ini")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert process.poll() is None, "pgbouncer exited: " + open(f"{workdir}/pgbouncer.log").read()[-500:]
+            assert time.monotonic() < deadline, "pgbouncer did not start listening"
+            time.sleep(0.05)
+        yield server.set(drivername="postgresql+psycopg2", host="127.0.0.1", port=port)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_behind_pgbouncer_in_transaction_mode_the_guard_turns_off_and_reads_stay_right(
+        pgbouncer, schema, writer, caplog):
+    writer.set("before", 1)
+    with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
+        pooled = FastPgCache(url=pgbouncer, schema=schema, prepare_threshold=None)
+        try:
+            assert pooled.guard.wait_until_trusted(10) is False
+            assert pooled.guard.state.startswith("off: notifications do not reach this process")
+            writer.set("after", 2)
+            assert pooled.get("before") == 1 and pooled.get("after") == 2 and pooled.get("never") is None
+            assert pooled.get_many(["before", "after", "never"]) == {"before": 1, "after": 2}
+            assert pooled.stats()["guard_skips"] == 0
+        finally:
+            pooled.close()
+    assert len([r for r in caplog.records if "pgbouncer" in r.getMessage()]) == 1
