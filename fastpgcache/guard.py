@@ -89,7 +89,11 @@ class _Listener:
             payloads = [note.payload for note in self.raw.notifies]
             del self.raw.notifies[:]
             return payloads
-        return [note.payload for note in self.raw.notifies(timeout=max(timeout, 0.001))]  # psycopg 3
+        # psycopg 3: return at the first arrival, then take whatever else is already there.
+        notes = list(self.raw.notifies(timeout=max(timeout, 0.0), stop_after=1))
+        if notes:
+            notes += self.raw.notifies(timeout=0.0)
+        return [note.payload for note in notes]
 
     @property
     def broken(self) -> bool:
