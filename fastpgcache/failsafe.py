@@ -44,7 +44,8 @@ class Failsafe:
 
     def __init__(self, enabled: bool = False, on_error: Callable[[BaseException, str], object] | None = None):
         if on_error is not None and not callable(on_error):
-            raise TypeError(f"on_error must be a callable taking (error, operation name), not {type(on_error).__name__}")
+            raise TypeError(f"on_error must be a callable taking (error, operation name), "
+                            f"not {type(on_error).__name__}")
         self.enabled = bool(enabled)
         self.on_error = on_error
         self.errors = 0

@@ -94,7 +94,8 @@ def test_one_warning_per_burst_then_one_on_recovery(engine, missing_schema, capl
 
 def test_on_error_hears_every_error_with_the_operation(engine, missing_schema):
     heard = []
-    cache = Cache(engine, schema=missing_schema, failsafe=True, on_error=lambda error, op: heard.append((type(error), op)))
+    cache = Cache(engine, schema=missing_schema, failsafe=True,
+                  on_error=lambda error, operation: heard.append((type(error), operation)))
     cache.get("a")
     cache.set("a", 1)
     cache.incr("n")

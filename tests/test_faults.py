@@ -119,14 +119,14 @@ def test_a_stopped_server_gives_a_clear_error_or_a_failsafe_miss(server, own_sch
 # -- on the server under test -------------------------------------------------------
 
 
-def _backend_waiting_on_a_lock(engine, seconds=10.0) -> int:
-    # The pid of the cache's statement once it is stuck behind the test's lock.
+def _backend_waiting_on_a_lock(engine, schema, seconds=4.0) -> int:
+    # The pid of this test's cache statement (its SQL names the test's own schema) once it waits on the lock.
     deadline = time.monotonic() + seconds
     with engine.connect() as connection:
         while time.monotonic() < deadline:
             pid = connection.execute(text(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
-                "AND query LIKE 'INSERT INTO%'")).scalar()
+                "AND query LIKE 'INSERT INTO%' AND position(:schema in query) > 0"), {"schema": schema}).scalar()
             if pid:
                 return pid
             time.sleep(0.02)
@@ -150,11 +150,12 @@ def _in_thread(call):
 
 def test_a_set_many_killed_midway_raises_clearly_and_writes_nothing(pg_url, engine, schema):
     batch = {f"k{i:04d}": i for i in range(1000)}
-    with FastPgCache(url=pg_url, schema=schema, lock_timeout=10, use_cuckoo_filter=False) as cache, \
+    with FastPgCache(url=pg_url, schema=schema, lock_timeout=20, statement_timeout=20,
+                     use_cuckoo_filter=False) as cache, \
             Session(engine) as blocker:
         Cache(blocker, schema=schema).set("k0500", "held by another transaction")  # not committed
         thread, outcome = _in_thread(lambda: cache.set_many(batch))
-        victim = _backend_waiting_on_a_lock(engine)  # rows k0000..k0499 are written, k0500 waits
+        victim = _backend_waiting_on_a_lock(engine, schema)  # rows k0000..k0499 are written, k0500 waits
         with engine.connect() as admin:
             assert admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": victim}).scalar() is True
         thread.join(10)
@@ -166,12 +167,13 @@ def test_a_set_many_killed_midway_raises_clearly_and_writes_nothing(pg_url, engi
 
 
 def test_a_killed_incr_is_not_run_twice(pg_url, engine, schema):
-    with FastPgCache(url=pg_url, schema=schema, lock_timeout=10, use_cuckoo_filter=False) as cache, \
+    with FastPgCache(url=pg_url, schema=schema, lock_timeout=20, statement_timeout=20,
+                     use_cuckoo_filter=False) as cache, \
             Session(engine) as blocker:
         cache.set("n", 10)
         Cache(blocker, schema=schema).incr("n", 100)  # holds the row, not committed
         thread, outcome = _in_thread(lambda: cache.incr("n"))
-        victim = _backend_waiting_on_a_lock(engine)
+        victim = _backend_waiting_on_a_lock(engine, schema)
         with engine.connect() as admin:
             admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": victim})
         thread.join(10)
