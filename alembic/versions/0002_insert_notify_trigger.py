@@ -31,35 +31,37 @@ MAX_MESSAGES = 64
 
 
 def _names():
+    """(options, table, function, trigger), quoted; the trigger and its function share one name."""
     options = context.config.attributes["fastpgcache"]
     dialect = op.get_bind().dialect
-    name = notify_function_name(options.table)
-    return options, options.qualified_table(dialect), f"{options.quote(dialect, options.schema)}.{options.quote(dialect, name)}", options.quote(dialect, name)
+    name = options.quote(dialect, notify_function_name(options.table))
+    return options, options.qualified_table(dialect), f"{options.quote(dialect, options.schema)}.{name}", name
 
 
 def upgrade() -> None:
     options, table, function, trigger = _names()
+    channel = notify_channel(options.schema, options.table)
     most = HASHES_PER_MESSAGE * MAX_MESSAGES
+    width = 2 * HASH_BYTES + 1  # a token and its separating space
+    # One query reads the statement's rows (at most one past the limit, so a huge statement
+    # costs little here); the messages are then cut at token boundaries without another query.
     op.execute(f"""
 CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $body$
 DECLARE
-    messages text[];
-    total bigint;
-    message text;
+    tokens text;
+    start integer;
 BEGIN
-    -- Reads at most one row past the limit, so a huge statement costs little here.
-    SELECT array_agg(tokens), sum(n) INTO messages, total FROM (
-        SELECT string_agg(token, ' ') AS tokens, count(*) AS n
-        FROM (SELECT encode(substr(sha256(convert_to(user_id, 'UTF8') || decode('00', 'hex')
-                                          || convert_to(key, 'UTF8')), 1, {HASH_BYTES}), 'hex') AS token,
-                     (row_number() OVER () - 1) / {HASHES_PER_MESSAGE} AS part
-              FROM (SELECT user_id, key FROM inserted LIMIT {most + 1}) AS capped) AS hashed
-        GROUP BY part) AS grouped;
-    IF total > {most} THEN
-        PERFORM pg_notify('{notify_channel(options.schema, options.table)}', 'reset');
-    ELSIF total > 0 THEN
-        FOREACH message IN ARRAY messages LOOP
-            PERFORM pg_notify('{notify_channel(options.schema, options.table)}', message);
+    SELECT string_agg(encode(substr(sha256(convert_to(user_id, 'UTF8') || decode('00', 'hex')
+                                           || convert_to(key, 'UTF8')), 1, {HASH_BYTES}), 'hex'), ' ')
+      INTO tokens
+      FROM (SELECT user_id, key FROM inserted LIMIT {most + 1}) AS capped;
+    IF tokens IS NULL THEN
+        RETURN NULL;  -- every row took the ON CONFLICT DO UPDATE path
+    ELSIF length(tokens) > {most * width} THEN
+        PERFORM pg_notify('{channel}', 'reset');
+    ELSE
+        FOR start IN 0 .. length(tokens) - 1 BY {HASHES_PER_MESSAGE * width} LOOP
+            PERFORM pg_notify('{channel}', substr(tokens, start + 1, {HASHES_PER_MESSAGE * width - 1}));
         END LOOP;
     END IF;
     RETURN NULL;
