@@ -52,7 +52,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(rounds=3, calls=60, budget_s=0.02, thread_ops=30)
+        return cls(rounds=2, calls=60, budget_s=0.02, thread_ops=30)
 
 
 @dataclass

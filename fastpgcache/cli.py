@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(no --url and no $FASTPGCACHE_URL: an embedded server).")
     bench.add_argument("--redis", metavar="URL", help="also measure Redis at URL, e.g. redis://127.0.0.1:6379")
     bench.add_argument("--quick", action="store_true", help="fewer rounds and calls (under 15 s)")
-    bench.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 3)")
+    bench.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 2)")
     bench.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="draw a latency chart (needs matplotlib)")
     return parser
