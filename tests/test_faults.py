@@ -119,7 +119,7 @@ def test_a_stopped_server_gives_a_clear_error_or_a_failsafe_miss(server, own_sch
 # -- on the server under test -------------------------------------------------------
 
 
-def _backend_waiting_on_a_lock(engine, schema, seconds=4.0) -> int:
+def _backend_waiting_on_a_lock(engine, schema, seconds=15.0) -> int:
     # The pid of this test's cache statement (its SQL names the test's own schema) once it waits on the lock.
     deadline = time.monotonic() + seconds
     with engine.connect() as connection:
