@@ -35,6 +35,9 @@ PAGE_SIZE = 10_000
 HEARTBEAT_SECONDS = 10.0
 """An idle listener re-issues LISTEN this often, so a dead connection is noticed."""
 
+WAKE_SECONDS = 0.1
+"""The idle listener wakes this often to notice stop(), so closing a client is quick."""
+
 _RUNNING: "weakref.WeakSet[NegativeLookupGuard]" = weakref.WeakSet()
 
 
@@ -144,7 +147,8 @@ class NegativeLookupGuard:
         self._stopping = threading.Event()
         self._trusted = threading.Event()
         self._reset_requested = False
-        self._probes: set[str] = set()
+        self._probe_payload: str | None = None  # the probe this guard waits for
+        self._probe_seen = False
         self._failures = 0
         self._thread: threading.Thread | None = None
 
@@ -247,21 +251,20 @@ class NegativeLookupGuard:
     def _probe(self, listener: _Listener) -> None:
         # A pooler in transaction mode accepts LISTEN but never delivers: check that a
         # notification sent from another connection really arrives.
-        payload = f"probe:{secrets.token_hex(8)}"
-        self._cache._notify(self.channel, payload)
+        self._probe_payload, self._probe_seen = f"probe:{secrets.token_hex(8)}", False
+        self._cache._notify(self.channel, self._probe_payload)
         deadline = time.monotonic() + self.probe_timeout
-        while payload not in self._probes:
+        while not self._probe_seen:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _TurnOff("notifications do not reach this process (a transaction-mode pooler such as "
                                "pgbouncer?); connect directly to PostgreSQL to use the guard")
             self._receive(listener, remaining)
-        self._probes.clear()
 
     def _serve(self, listener: _Listener) -> None:
         quiet_since = time.monotonic()
         while not self._stopping.is_set():
-            if self._receive(listener, 0.25):
+            if self._receive(listener, WAKE_SECONDS):
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > HEARTBEAT_SECONDS:
                 listener.listen(self.channel)
@@ -280,8 +283,8 @@ class NegativeLookupGuard:
                 # Some statement inserted more keys than it could list: nothing can be trusted.
                 self._reset_requested = True
                 self._untrust()
-            elif payload.startswith("probe:"):
-                self._probes.add(payload)
+            elif payload.startswith("probe:"):  # other processes' probes arrive here too
+                self._probe_seen = self._probe_seen or payload == self._probe_payload
             else:
                 tokens.extend(payload.split())
         if tokens:
