@@ -169,6 +169,16 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
 
 # -- fastpgcache-admin -------------------------------------------------------------------
 
+def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --logged/--unlogged/--grant-to options, shared by fastpgcache-admin and Django's setup command."""
+    persistence = parser.add_mutually_exclusive_group()
+    persistence.add_argument("--logged", dest="logged", action="store_const", const=True,
+                             help="make the table LOGGED (survives crashes, slower writes)")
+    persistence.add_argument("--unlogged", dest="logged", action="store_const", const=False,
+                             help="make the table UNLOGGED (the default for a new table)")
+    parser.add_argument("--grant-to", metavar="ROLE", help="grant use of the cache to ROLE instead of PUBLIC")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastpgcache-admin",
@@ -183,12 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--schema", default=DEFAULT_SCHEMA)
     parser.add_argument("--table", default=DEFAULT_TABLE)
     parser.add_argument("--force", action="store_true", help="drop and recreate the table without asking")
-    persistence = parser.add_mutually_exclusive_group()
-    persistence.add_argument("--logged", dest="logged", action="store_const", const=True,
-                             help="make the table LOGGED (survives crashes, slower writes)")
-    persistence.add_argument("--unlogged", dest="logged", action="store_const", const=False,
-                             help="make the table UNLOGGED (the default for a new table)")
-    parser.add_argument("--grant-to", metavar="ROLE", help="grant use of the cache to ROLE instead of PUBLIC")
+    add_setup_arguments(parser)
     parser.add_argument("--check", action="store_true", help="report the table's state; exit 1 if not set up")
     parser.add_argument("--cleanup", action="store_true", help="delete every role's expired rows")
     parser.add_argument("--databricks", action="store_true", help="authenticate with Databricks OAuth tokens")

@@ -29,9 +29,7 @@ def _awaitable(operation):
         try:
             result = await self._drive(steps(self, *args, **kwargs))
         except DATABASE_ERRORS as error:
-            if fallback is None or not self._failsafe.absorb(error, steps.__name__):
-                raise
-            return fallback(self, *args, **kwargs)
+            return self._fall_back(run, error, args, kwargs)
         self._failsafe.succeeded()
         return result
 

@@ -276,9 +276,7 @@ def operation(steps=None, *, fallback: Callable[..., Any] | None = None):
         try:
             result = self._drive(steps(self, *args, **kwargs))
         except DATABASE_ERRORS as error:
-            if fallback is None or not self._failsafe.absorb(error, steps.__name__):
-                raise
-            return fallback(self, *args, **kwargs)
+            return self._fall_back(run, error, args, kwargs)
         self._failsafe.succeeded()
         return result
 
@@ -370,6 +368,12 @@ class Cache:
                     request = steps.send(result)
         except StopIteration as done:
             return done.value
+
+    def _fall_back(self, operation, error: BaseException, args, kwargs):
+        """Failsafe mode's answer for a failed `operation`, or `error` raised again."""
+        if operation.fallback is None or not self._failsafe.absorb(error, operation.steps.__name__):
+            raise error
+        return operation.fallback(self, *args, **kwargs)
 
     def _params(self, params: dict) -> dict:
         return {"user_id": self.user_id, **params} if self.user_id else params

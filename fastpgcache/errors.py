@@ -62,6 +62,9 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
         setting = "lock_timeout" if state == "55P03" else "statement_timeout"
         return CacheTimeoutError(f"{_first_line(error)}: the call waited longer than {setting} allows "
                                  f"(raise it, e.g. FastPgCache({setting}=...), or find what holds the lock)")
+    if state in ("26000", "42P05"):  # prepared statement missing / duplicate: a transaction-mode pooler
+        return CacheError(f"{_first_line(error)}: behind a transaction-mode pooler (pgbouncer) server-side "
+                          "prepared statements break; pass prepare_threshold=None (psycopg 3)")
     if error.connection_invalidated or state in ("57P01", "57P02", "08003"):  # admin/crash shutdown, gone
         return CacheConnectionError(
             f"lost the database connection during the call: {_first_line(error)} (the server restarted, crashed "

@@ -40,13 +40,19 @@ def engine(pg_url):
 
 
 @pytest.fixture
-def schema(engine):
-    """A schema holding a cache table created by the real migrations; dropped afterwards."""
+def empty_schema(engine):
+    """A schema name with nothing in it yet (tests create what they need); dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
-    setup_cache(engine=engine, schema=name)
     yield name
     with engine.begin() as connection:
         connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
+@pytest.fixture
+def schema(engine, empty_schema):
+    """A schema holding a cache table created by the real migrations; dropped afterwards."""
+    setup_cache(engine=engine, schema=empty_schema)
+    return empty_schema
 
 
 @pytest.fixture

@@ -16,48 +16,40 @@ from fastpgcache.admin import cache_status, main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def scratch(engine):
-    name = f"a_{uuid.uuid4().hex[:10]}"
-    yield name
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-
-
-def test_setup_then_check_reports_unlogged(pg_url, scratch, capsys):
-    assert main(["--url", pg_url, "--check", "--schema", scratch]) == 1
+def test_setup_then_check_reports_unlogged(pg_url, empty_schema, capsys):
+    assert main(["--url", pg_url, "--check", "--schema", empty_schema]) == 1
     assert "not set up" in capsys.readouterr().out
-    assert main(["--url", pg_url, "--schema", scratch]) == 0
-    assert main(["--url", pg_url, "--check", "--schema", scratch]) == 0
+    assert main(["--url", pg_url, "--schema", empty_schema]) == 0
+    assert main(["--url", pg_url, "--check", "--schema", empty_schema]) == 0
     out = capsys.readouterr().out
-    assert f"{scratch}.cache: exists, UNLOGGED, row-level security on, revision 0" in out
+    assert f"{empty_schema}.cache: exists, UNLOGGED, row-level security on, revision 0" in out
 
 
-def test_admin_is_idempotent_and_force_empties(engine, pg_url, scratch):
-    assert main(["--url", pg_url, "--schema", scratch]) == 0
-    Cache(engine, schema=scratch).set("k", "v")
-    assert main(["--url", pg_url, "--schema", scratch]) == 0
-    assert Cache(engine, schema=scratch).get("k") == "v"
-    assert main(["--url", pg_url, "--schema", scratch, "--force"]) == 0
-    assert Cache(engine, schema=scratch).get("k") is None
+def test_admin_is_idempotent_and_force_empties(engine, pg_url, empty_schema):
+    assert main(["--url", pg_url, "--schema", empty_schema]) == 0
+    Cache(engine, schema=empty_schema).set("k", "v")
+    assert main(["--url", pg_url, "--schema", empty_schema]) == 0
+    assert Cache(engine, schema=empty_schema).get("k") == "v"
+    assert main(["--url", pg_url, "--schema", empty_schema, "--force"]) == 0
+    assert Cache(engine, schema=empty_schema).get("k") is None
 
 
-def test_logged_and_unlogged_flags_switch_and_keep_rows(engine, pg_url, scratch, capsys):
-    main(["--url", pg_url, "--schema", scratch])
-    Cache(engine, schema=scratch).set("k", [1, 2])
-    assert main(["--url", pg_url, "--schema", scratch, "--logged"]) == 0
+def test_logged_and_unlogged_flags_switch_and_keep_rows(engine, pg_url, empty_schema, capsys):
+    main(["--url", pg_url, "--schema", empty_schema])
+    Cache(engine, schema=empty_schema).set("k", [1, 2])
+    assert main(["--url", pg_url, "--schema", empty_schema, "--logged"]) == 0
     assert "exists, LOGGED" in capsys.readouterr().out
-    assert main(["--url", pg_url, "--schema", scratch, "--unlogged"]) == 0
+    assert main(["--url", pg_url, "--schema", empty_schema, "--unlogged"]) == 0
     assert "exists, UNLOGGED" in capsys.readouterr().out
-    assert Cache(engine, schema=scratch).get("k") == [1, 2]
+    assert Cache(engine, schema=empty_schema).get("k") == [1, 2]
 
 
-def test_url_parts_and_fastpgcache_url_env(pg_url, scratch, monkeypatch):
+def test_url_parts_and_fastpgcache_url_env(pg_url, empty_schema, monkeypatch):
     url = make_url(pg_url)
     assert main(["--host", url.host, "--port", str(url.port or 5432), "--user", url.username,
-                 "--database", url.database, "--schema", scratch]) == 0
+                 "--database", url.database, "--schema", empty_schema]) == 0
     monkeypatch.setenv("FASTPGCACHE_URL", pg_url)
-    assert main(["--check", "--schema", scratch]) == 0
+    assert main(["--check", "--schema", empty_schema]) == 0
 
 
 def test_cleanup_flag_removes_every_roles_expired_rows(engine, pg_url, schema, capsys):
@@ -95,15 +87,15 @@ def test_databricks_flag_without_instance_name_is_a_clear_error(capsys):
     assert "--instance-name" in capsys.readouterr().err
 
 
-def test_console_script_runs(pg_url, scratch):
+def test_console_script_runs(pg_url, empty_schema):
     script = Path(sys.executable).with_name("fastpgcache-admin")
-    done = subprocess.run([str(script), "--url", pg_url, "--schema", scratch], capture_output=True, text=True,
+    done = subprocess.run([str(script), "--url", pg_url, "--schema", empty_schema], capture_output=True, text=True,
                           timeout=120, cwd="/")
     assert done.returncode == 0, done.stderr
     assert "UNLOGGED" in done.stdout
 
 
-def test_wheel_ships_migrations_and_admin_runs_from_it(tmp_path, pg_url, engine, scratch):
+def test_wheel_ships_migrations_and_admin_runs_from_it(tmp_path, pg_url, engine, empty_schema):
     """Built wheel, unpacked away from the checkout: the admin finds its migrations inside it."""
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
                             "-w", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True, timeout=300)
@@ -117,8 +109,8 @@ def test_wheel_ships_migrations_and_admin_runs_from_it(tmp_path, pg_url, engine,
             "assert fastpgcache.__file__.startswith(sys.argv[1]), fastpgcache.__file__; "
             "print(a.migrations_dir()); sys.exit(a.main(['--url', sys.argv[2], '--schema', sys.argv[3]]))")
     env = {**os.environ, "PYTHONPATH": str(site)}
-    done = subprocess.run([sys.executable, "-c", code, str(site), pg_url, scratch], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-c", code, str(site), pg_url, empty_schema], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith(str(site))
-    assert cache_status(engine, scratch)["unlogged"]
+    assert cache_status(engine, empty_schema)["unlogged"]

@@ -144,3 +144,16 @@ def test_seed_readme_usage_example(client):
     assert cache.get("test:key1") == "value1" and cache.get("test:key3") == [1, 2, 3, 4, 5]
     assert cache.set_many({"user:789": {"name": "Charlie"}}, ttl=3600) == 1
     assert cache.cleanup() == 0
+
+
+@pytest.mark.parametrize("statement", ["DEALLOCATE fastpgcache_nonexistent",
+                                       "PREPARE twice AS SELECT 1; PREPARE twice AS SELECT 1"])
+def test_prepared_statement_errors_point_at_the_pooler_setting(engine, statement):
+    from sqlalchemy import exc as sa_exc
+
+    from fastpgcache.errors import translate
+
+    with engine.connect() as connection:
+        with pytest.raises(sa_exc.DBAPIError) as raised:
+            connection.exec_driver_sql(statement)
+    assert "prepare_threshold=None" in str(translate(raised.value, "public.cache"))

@@ -10,25 +10,16 @@ from sqlalchemy import text
 from fastpgcache import Cache, CacheConnectionError, CacheNotSetUpError, FastPgCache, setup_cache
 
 
-@pytest.fixture
-def missing_schema(engine):
-    """A schema name with no cache table yet: every statement fails until the test sets it up."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    yield name
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-
-
-def test_failsafe_is_off_by_default(engine, missing_schema):
-    cache = Cache(engine, schema=missing_schema)
+def test_failsafe_is_off_by_default(engine, empty_schema):
+    cache = Cache(engine, schema=empty_schema)
     with pytest.raises(CacheNotSetUpError):
         cache.get("k")
     with pytest.raises(CacheNotSetUpError):
         cache.stats()
 
 
-def test_reads_answer_as_misses_and_writes_report_nothing_stored(engine, missing_schema):
-    cache = Cache(engine, schema=missing_schema, failsafe=True)
+def test_reads_answer_as_misses_and_writes_report_nothing_stored(engine, empty_schema):
+    cache = Cache(engine, schema=empty_schema, failsafe=True)
     assert cache.get("k") is None
     assert cache.get("k", "fallback") == "fallback"
     assert cache.get("k", default=7) == 7
@@ -54,21 +45,21 @@ def test_reads_answer_as_misses_and_writes_report_nothing_stored(engine, missing
     assert stats["last_error"].startswith("CacheNotSetUpError: cache table")
 
 
-def test_fallback_containers_are_not_shared(engine, missing_schema):
-    cache = Cache(engine, schema=missing_schema, failsafe=True)
+def test_fallback_containers_are_not_shared(engine, empty_schema):
+    cache = Cache(engine, schema=empty_schema, failsafe=True)
     first = cache.get_many(["a"])
     first["a"] = 1
     assert cache.get_many(["a"]) == {}
 
 
-def test_get_or_set_computes_when_the_database_fails(engine, missing_schema):
-    cache = Cache(engine, schema=missing_schema, failsafe=True)
+def test_get_or_set_computes_when_the_database_fails(engine, empty_schema):
+    cache = Cache(engine, schema=empty_schema, failsafe=True)
     assert cache.get_or_set("k", lambda: "computed", ttl=5) == "computed"
     assert cache.get_or_set("k", lambda: "again", lock=False) == "again"
 
 
-def test_one_warning_per_burst_then_one_on_recovery(engine, missing_schema, caplog):
-    cache = Cache(engine, schema=missing_schema, failsafe=True)
+def test_one_warning_per_burst_then_one_on_recovery(engine, empty_schema, caplog):
+    cache = Cache(engine, schema=empty_schema, failsafe=True)
     with caplog.at_level(logging.WARNING, logger="fastpgcache"):
         for i in range(25):
             cache.get(f"k{i}")
@@ -77,7 +68,7 @@ def test_one_warning_per_burst_then_one_on_recovery(engine, missing_schema, capl
         assert "get failed" in failures[0].getMessage()
         assert len(caplog.records) == 1
 
-        setup_cache(engine=engine, schema=missing_schema)
+        setup_cache(engine=engine, schema=empty_schema)
         assert cache.set("k", "v") is True
         assert cache.get("k") == "v"
         recovered = [r for r in caplog.records if "answering again" in r.getMessage()]
@@ -85,16 +76,16 @@ def test_one_warning_per_burst_then_one_on_recovery(engine, missing_schema, capl
         assert "after 25 failed calls" in recovered[0].getMessage()
 
         with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{missing_schema}" CASCADE'))
+            connection.execute(text(f'DROP SCHEMA "{empty_schema}" CASCADE'))
         cache.get("again")
         cache.get("again")
     new_bursts = [r for r in caplog.records if "failsafe mode answers as a cache miss" in r.getMessage()]
     assert len(new_bursts) == 2
 
 
-def test_on_error_hears_every_error_with_the_operation(engine, missing_schema):
+def test_on_error_hears_every_error_with_the_operation(engine, empty_schema):
     heard = []
-    cache = Cache(engine, schema=missing_schema, failsafe=True,
+    cache = Cache(engine, schema=empty_schema, failsafe=True,
                   on_error=lambda error, operation: heard.append((type(error), operation)))
     cache.get("a")
     cache.set("a", 1)
@@ -102,11 +93,11 @@ def test_on_error_hears_every_error_with_the_operation(engine, missing_schema):
     assert heard == [(CacheNotSetUpError, "get"), (CacheNotSetUpError, "set"), (CacheNotSetUpError, "incr")]
 
 
-def test_a_raising_on_error_callback_does_not_break_failsafe(engine, missing_schema, caplog):
+def test_a_raising_on_error_callback_does_not_break_failsafe(engine, empty_schema, caplog):
     def broken(error, operation):
         raise RuntimeError("callback bug")
 
-    cache = Cache(engine, schema=missing_schema, failsafe=True, on_error=broken)
+    cache = Cache(engine, schema=empty_schema, failsafe=True, on_error=broken)
     with caplog.at_level(logging.ERROR, logger="fastpgcache"):
         assert cache.get("k", "d") == "d"
     assert any("on_error callback raised" in r.getMessage() for r in caplog.records)

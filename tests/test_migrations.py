@@ -29,15 +29,6 @@ def relpersistence(engine, schema, table="cache"):
             "WHERE n.nspname = :s AND c.relname = :t"), {"s": schema, "t": table}).scalar()
 
 
-@pytest.fixture
-def scratch(engine):
-    """A schema name that does not exist yet; dropped afterwards."""
-    name = f"m_{uuid.uuid4().hex[:10]}"
-    yield name
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-
-
 def test_table_is_unlogged_with_primary_key_and_partial_index(engine, schema):
     assert relpersistence(engine, schema) == "u"
     inspector = inspect(engine)
@@ -60,10 +51,10 @@ def test_version_table_is_our_own_inside_the_schema(engine, schema):
     assert cache_status(engine, schema)["revision"] == head_revision()
 
 
-def test_logged_option_creates_a_logged_table(engine, scratch):
-    status = setup_cache(engine=engine, schema=scratch, logged=True)
+def test_logged_option_creates_a_logged_table(engine, empty_schema):
+    status = setup_cache(engine=engine, schema=empty_schema, logged=True)
     assert status["exists"] and not status["unlogged"]
-    assert relpersistence(engine, scratch) == "p"
+    assert relpersistence(engine, empty_schema) == "p"
 
 
 def test_running_setup_twice_keeps_rows(engine, schema):
@@ -96,32 +87,32 @@ def test_setup_keeps_existing_persistence_when_not_asked(engine, schema):
     assert relpersistence(engine, schema) == "p"
 
 
-def test_custom_table_name_and_two_caches_side_by_side(engine, scratch):
-    setup_cache(engine=engine, schema=scratch, table="sessions")
-    setup_cache(engine=engine, schema=scratch + "_b")
+def test_custom_table_name_and_two_caches_side_by_side(engine, empty_schema):
+    setup_cache(engine=engine, schema=empty_schema, table="sessions")
+    setup_cache(engine=engine, schema=empty_schema + "_b")
     try:
-        a = Cache(engine, schema=scratch, table="sessions")
-        b = Cache(engine, schema=scratch + "_b")
+        a = Cache(engine, schema=empty_schema, table="sessions")
+        b = Cache(engine, schema=empty_schema + "_b")
         a.set("k", "from a")
         b.set("k", "from b")
         assert (a.get("k"), b.get("k")) == ("from a", "from b")
-        assert inspect(engine).has_table("sessions", schema=scratch)
+        assert inspect(engine).has_table("sessions", schema=empty_schema)
     finally:
         with engine.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{scratch}_b" CASCADE'))
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{empty_schema}_b" CASCADE'))
 
 
-def test_foreign_table_with_same_name_is_never_dropped_without_force(engine, scratch):
+def test_foreign_table_with_same_name_is_never_dropped_without_force(engine, empty_schema):
     with engine.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{scratch}"'))
-        connection.execute(text(f'CREATE TABLE "{scratch}".cache (user_id text, key text, value text)'))
-        connection.execute(text(f"INSERT INTO \"{scratch}\".cache VALUES ('u', 'k', 'v')"))
+        connection.execute(text(f'CREATE SCHEMA "{empty_schema}"'))
+        connection.execute(text(f'CREATE TABLE "{empty_schema}".cache (user_id text, key text, value text)'))
+        connection.execute(text(f"INSERT INTO \"{empty_schema}\".cache VALUES ('u', 'k', 'v')"))
     with pytest.raises(Exception, match="--force"):
-        setup_cache(engine=engine, schema=scratch)
+        setup_cache(engine=engine, schema=empty_schema)
     with engine.connect() as connection:
-        assert connection.execute(text(f'SELECT count(*) FROM "{scratch}".cache')).scalar() == 1
-    setup_cache(engine=engine, schema=scratch, force=True)
-    assert cache_status(engine, scratch)["revision"] == head_revision()
+        assert connection.execute(text(f'SELECT count(*) FROM "{empty_schema}".cache')).scalar() == 1
+    setup_cache(engine=engine, schema=empty_schema, force=True)
+    assert cache_status(engine, empty_schema)["revision"] == head_revision()
 
 
 def _alembic(pg_url, *args, env_url=True):
@@ -130,22 +121,22 @@ def _alembic(pg_url, *args, env_url=True):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_alembic_command_line_upgrade_and_downgrade_leave_nothing(engine, pg_url, scratch):
-    done = _alembic(pg_url, "-x", f"schema={scratch}", "-x", "logged=true", "upgrade", "head")
+def test_alembic_command_line_upgrade_and_downgrade_leave_nothing(engine, pg_url, empty_schema):
+    done = _alembic(pg_url, "-x", f"schema={empty_schema}", "-x", "logged=true", "upgrade", "head")
     assert done.returncode == 0, done.stderr
-    assert relpersistence(engine, scratch) == "p"
-    assert cache_status(engine, scratch)["revision"] == head_revision()
-    done = _alembic(pg_url, "-x", f"schema={scratch}", "downgrade", "base")
+    assert relpersistence(engine, empty_schema) == "p"
+    assert cache_status(engine, empty_schema)["revision"] == head_revision()
+    done = _alembic(pg_url, "-x", f"schema={empty_schema}", "downgrade", "base")
     assert done.returncode == 0, done.stderr
     with engine.connect() as connection:
-        left = connection.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :s"), {"s": scratch})
+        left = connection.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :s"), {"s": empty_schema})
         assert left.scalar() == 0
 
 
-def test_alembic_url_from_x_argument(engine, pg_url, scratch):
-    done = _alembic(pg_url, "-x", f"url={pg_url}", "-x", f"schema={scratch}", "upgrade", "head", env_url=False)
+def test_alembic_url_from_x_argument(engine, pg_url, empty_schema):
+    done = _alembic(pg_url, "-x", f"url={pg_url}", "-x", f"schema={empty_schema}", "upgrade", "head", env_url=False)
     assert done.returncode == 0, done.stderr
-    assert cache_status(engine, scratch)["exists"]
+    assert cache_status(engine, empty_schema)["exists"]
 
 
 def test_alembic_without_url_says_how_to_give_one():

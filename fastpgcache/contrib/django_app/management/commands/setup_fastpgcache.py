@@ -3,7 +3,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.core.management.base import BaseCommand, CommandError
 
-from fastpgcache.admin import cache_status, setup_cache
+from fastpgcache.admin import add_setup_arguments, cache_status, setup_cache
 from fastpgcache.errors import CacheError
 from fastpgcache.contrib.django import FastPgCache
 
@@ -14,12 +14,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("aliases", nargs="*", metavar="alias", help="cache aliases (default: all fastpgcache ones)")
-        persistence = parser.add_mutually_exclusive_group()
-        persistence.add_argument("--logged", dest="logged", action="store_const", const=True,
-                                 help="make the table LOGGED (survives crashes, slower writes)")
-        persistence.add_argument("--unlogged", dest="logged", action="store_const", const=False,
-                                 help="make the table UNLOGGED (the default for a new table)")
-        parser.add_argument("--grant-to", metavar="ROLE", help="grant use of the cache to ROLE instead of PUBLIC")
+        add_setup_arguments(parser)
         parser.add_argument("--check", action="store_true", help="only report; fail if a table is not set up")
 
     def handle(self, *args, aliases=(), logged=None, grant_to=None, check=False, **options):
