@@ -410,7 +410,8 @@ class Cache:
             driver = pooled.driver_connection
             autocommit = driver.autocommit
             try:
-                driver.autocommit = True
+                if not autocommit:
+                    driver.autocommit = True
                 return self._run(pooled, self.bind.dialect, statement, params, consume)
             except sa_exc.DBAPIError as error:
                 if error.connection_invalidated:
@@ -418,7 +419,7 @@ class Cache:
                 if attempt == 2 or not error.connection_invalidated or not statement.is_select:
                     raise
             finally:
-                if pooled.is_valid:
+                if pooled.is_valid and not autocommit:
                     driver.autocommit = autocommit
                 pooled.close()
 

@@ -107,6 +107,8 @@ def cmd_bench(args) -> int:
     settings = bench.Settings.quick() if args.quick else bench.Settings()
     if args.rounds:
         settings = bench.Settings(**{**settings.__dict__, "rounds": args.rounds})
+    if args.no_pin:
+        settings = bench.Settings(**{**settings.__dict__, "pin_cpu": None})
     report = bench.run_bench(_url(args, required=False), redis_url=args.redis, settings=settings,
                              progress=sys.stderr.isatty())
     print(bench.format_table(report))
@@ -207,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--redis", metavar="URL", help="also measure Redis at URL, e.g. redis://127.0.0.1:6379")
     bench.add_argument("--quick", action="store_true", help="fewer rounds and calls (under 15 s)")
     bench.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 2)")
+    bench.add_argument("--no-pin", action="store_true",
+                       help="do not pin this process and a local server to one CPU (see benchmarks/README.md)")
     bench.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="draw a latency chart (needs matplotlib)")
     return parser

@@ -111,11 +111,12 @@ class FastPgCache(Cache):
         if engine is None:
             target = build_url(connection_string, url=url, host=host, port=port, database=database, user=user,
                                password=None if instance_name else password)
-            # AUTOCOMMIT: every cache call is a single statement, so it needs no BEGIN/COMMIT round trips.
             if not isinstance(pool_timeout, (int, float)) or isinstance(pool_timeout, bool) or pool_timeout <= 0:
                 raise ValueError(f"pool_timeout must be a positive number of seconds, got {pool_timeout!r}")
+            # AUTOCOMMIT: every cache call is a single statement, so it needs no BEGIN/COMMIT round
+            # trips, and a connection never comes back inside a transaction: no rollback on return.
             engine = create_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout,
-                                   isolation_level="AUTOCOMMIT",
+                                   isolation_level="AUTOCOMMIT", pool_reset_on_return=None,
                                    connect_args={**_connect_args(target, prepare_threshold),
                                                  **_timeout_options(target, statement_timeout, lock_timeout)})
             discard_dead_connections(engine)
