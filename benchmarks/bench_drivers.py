@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from fastpgcache import FastPgCache, codec, setup_cache
 from fastpgcache.aio import AsyncCache
-from fastpgcache.bench import capture_sql
+from fastpgcache.bench import capture_sql, pin_to_cpu
 from fastpgcache.embedded import default_url
 
 VALUE = {"name": "Alice", "roles": ["admin", "dev"], "pad": "x" * 60}
@@ -141,11 +141,13 @@ def main() -> None:
         "fastpgcache psycopg 3, prepared": prepared,
         "fastpgcache AsyncCache psycopg 3": on_async,
     }
+    unpin, pinned = pin_to_cpu(0, on_psycopg2.bind)  # same-CPU round trips for every contender (bench.py)
     try:
         print(f"server {on_psycopg2.bind.dialect.server_version_info}, {rounds} rounds x {calls} calls, "
-              f"value {len(str(VALUE))} chars")
+              f"value {len(str(VALUE))} chars; {pinned or 'not pinned'}")
         report(measure(contenders, rounds, calls), "raw psycopg2 (floor)")
     finally:
+        unpin()
         on_async.close()
         raw2.close()
         raw3.close()

@@ -647,7 +647,8 @@ def run_bench(url: str | URL | None = None, *, redis_url: str | None = None, set
     try:
         scratch.setup()
         if settings.pin_cpu is not None:
-            unpin = pin_to_cpu(settings.pin_cpu, scratch)
+            unpin, note = pin_to_cpu(settings.pin_cpu, scratch.engine, scratch.redis_url)
+            scratch.notes += [note] if note else []
         contenders = scratch.contenders(settings, frozenset(exclude))
         workloads = build_workloads(settings)
         recorder = _measure(contenders, workloads, settings, progress)
@@ -663,8 +664,10 @@ def run_bench(url: str | URL | None = None, *, redis_url: str | None = None, set
             server.stop()
 
 
-def pin_to_cpu(cpu: int, scratch: "_Scratch") -> Callable[[], None]:
-    """Run this process, the PostgreSQL server and Redis on one CPU, when they are local; returns the undo.
+def pin_to_cpu(cpu: int, engine, redis_url: str | None = None) -> tuple[Callable[[], None], str | None]:
+    """Run this process, the PostgreSQL server and Redis on one CPU, when they are local.
+
+    Returns the undo and a line saying what was pinned (None when nothing could be).
 
     On a small machine a client and a server process woken on different CPUs pay
     a cross-CPU wake-up on every round trip (SELECT 1 took 50 µs against 18 µs on
@@ -674,15 +677,15 @@ def pin_to_cpu(cpu: int, scratch: "_Scratch") -> Callable[[], None]:
     """
     import os
 
-    with scratch.engine.connect() as connection:
+    with engine.connect() as connection:
         backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
     pids = [0]
     postmaster = _local_parent(backend, "postgres")
     if postmaster:
         # Backends forked from now on inherit the postmaster's CPU.
         pids += [postmaster, *_local_children(postmaster)]
-    if scratch.redis_url:
-        pids += _local_redis_pid(scratch.redis_url)
+    if redis_url:
+        pids += _local_redis_pid(redis_url)
     saved = {}
     for pid in pids:
         try:
@@ -690,9 +693,8 @@ def pin_to_cpu(cpu: int, scratch: "_Scratch") -> Callable[[], None]:
             os.sched_setaffinity(pid, {cpu})
         except (OSError, AttributeError):  # not permitted, gone, or no such call on this platform
             saved.pop(pid, None)
-    if saved:
-        scratch.notes.append(f"client, PostgreSQL{' and Redis' if scratch.redis_url else ''} pinned to CPU {cpu} "
-                             f"({len(saved) - 1} server processes; --no-pin to measure unpinned)")
+    note = (f"client, PostgreSQL{' and Redis' if redis_url else ''} pinned to CPU {cpu} ({len(saved) - 1} server "
+            "processes; --no-pin to measure unpinned)") if saved else None
 
     def undo():
         # Backends forked while pinned get the postmaster's old CPUs back too.
@@ -703,7 +705,7 @@ def pin_to_cpu(cpu: int, scratch: "_Scratch") -> Callable[[], None]:
             except OSError:
                 pass
 
-    return undo
+    return undo, note
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

@@ -143,20 +143,18 @@ def test_pinning_puts_client_and_local_server_on_one_cpu_and_restores_them(pg_ur
     if postmaster and os.geteuid() not in (0, os.stat(f"/proc/{postmaster}").st_uid):
         postmaster = None  # a local server we may not re-pin: only this process is pinned
     mine, server = os.sched_getaffinity(0), os.sched_getaffinity(postmaster) if postmaster else None
-    scratch = bench._Scratch(engine.url, None)
     try:
-        undo = bench.pin_to_cpu(0, scratch)
+        undo, note = bench.pin_to_cpu(0, engine)
         assert os.sched_getaffinity(0) == {0}
         if postmaster:  # a local server (always so for the embedded one)
             assert os.sched_getaffinity(postmaster) == {0}
             with engine.connect() as connection:  # a backend forked now inherits the CPU
                 fresh = connection.execute(text("SELECT pg_backend_pid()")).scalar()
                 assert os.sched_getaffinity(fresh) == {0}
-            assert any("pinned to CPU 0" in note for note in scratch.notes)
+            assert "pinned to CPU 0" in note
         undo()
         assert os.sched_getaffinity(0) == mine
         if postmaster:
             assert os.sched_getaffinity(postmaster) == server
     finally:
-        scratch.engine.dispose()
         engine.dispose()
