@@ -72,3 +72,20 @@ def test_examples_start_an_embedded_server_without_a_url():
     assert "rolled-back order: cache has None" in out
     project = EXAMPLES / "django_project"
     assert "incr(visits) = 1" in run(["manage.py", "cache_demo"], url=None, cwd=project)
+
+
+def test_quickstart_example(example_url):
+    out = run(["quickstart.py"], url=example_url)
+    assert "cache table: public.cache unlogged=True" in out
+    assert "session:abc = {'user': 'Alice', 'roles': ['admin']}" in out
+    assert "greeting = '123'" in out
+    assert "ttl(session:abc) = 3600" in out
+    assert "ttl(greeting) = -1" in out and "ttl(missing) = -2" in out
+    assert "incr(visits) = 1" in out
+
+
+@pytest.mark.own_server
+def test_quickstart_runs_with_no_server_to_set_up():
+    out = run(["quickstart.py"], url=None)
+    assert "session:abc = {'user': 'Alice', 'roles': ['admin']}" in out
+    assert "ttl(session:abc) = 3600" in out
