@@ -25,8 +25,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from fastpgcache import Cache, CuckooFilter, FastPgCache, setup_cache
-from fastpgcache.bench import capture_sql
+from fastpgcache.bench import capture_sql, pin_to_cpu
 from fastpgcache.embedded import default_url
+
+
+REDIS_URL = "redis://127.0.0.1:6379"
 
 
 def per_call_us(fn, args, rounds: int = 5) -> float:
@@ -90,6 +93,8 @@ def bench_negative_get(url, schema: str, calls: int) -> dict:
     plain = FastPgCache(url=url, schema=schema, use_cuckoo_filter=False)
     try:
         plain.set_many({f"present:{i}": i for i in range(10_000)})
+        with plain.bind.connect() as connection:  # as autovacuum soon would: a fresh table's plan is a seq scan
+            connection.execute(text(f'ANALYZE "{schema}".cache'))
         if not guarded.guard.wait_until_trusted(30):
             raise SystemExit(f"the guard did not become trusted: {guarded.guard.state}")
         misses = [f"missing:{i}" for i in range(calls)]
@@ -114,7 +119,7 @@ def redis_miss_us(keys) -> float | None:
     try:
         import redis
 
-        client = redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5)
         client.ping()
     except Exception:
         return None
@@ -171,12 +176,15 @@ def main() -> int:
     engine = create_engine(url)
     with_trigger, without = fresh_schema(engine, True), fresh_schema(engine, False)
     quick = args.quick
+    unpin, pinned = pin_to_cpu(0, engine, REDIS_URL)  # same-CPU round trips for every measurement (fastpgcache/bench.py)
+    print(pinned or "not pinned")
     try:
         cuckoo = bench_cuckoo(20_000 if quick else 100_000)
         lookups = bench_negative_get(url, with_trigger, 5_000 if quick else 20_000)
         writes = bench_set_overhead(url, with_trigger, without, 4 if quick else 10, 100 if quick else 300)
         delays = bench_notification_delay(url, with_trigger, 20 if quick else 100)
     finally:
+        unpin()
         with engine.begin() as connection:
             for name in (with_trigger, without):
                 connection.execute(text(f'DROP SCHEMA "{name}" CASCADE'))

@@ -694,7 +694,7 @@ def pin_to_cpu(cpu: int, engine, redis_url: str | None = None) -> tuple[Callable
         except (OSError, AttributeError):  # not permitted, gone, or no such call on this platform
             saved.pop(pid, None)
     note = (f"client, PostgreSQL{' and Redis' if redis_url else ''} pinned to CPU {cpu} ({len(saved) - 1} server "
-            "processes; --no-pin to measure unpinned)") if saved else None
+            "processes)") if saved else None
 
     def undo():
         # Backends forked while pinned get the postmaster's old CPUs back too.
