@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .errors import CacheError, CacheNotSetUpError, connection_hint, translate
+from .errors import CacheError, CacheNotSetUpError, connection_hint, raise_translated, translate
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE
 
 VERSION_TABLE = "fastpgcache_alembic_version"
@@ -75,8 +75,11 @@ def _alembic(connection: Connection, options: MigrationOptions):
 def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table: str = DEFAULT_TABLE) -> dict:
     """Whether the cache table exists, is UNLOGGED, has row-level security, and its migration revision."""
     if isinstance(bind, Engine):
-        with bind.connect() as connection:
-            return cache_status(connection, schema, table)
+        try:
+            with bind.connect() as connection:
+                return cache_status(connection, schema, table)
+        except sa_exc.DBAPIError as error:
+            raise_translated(error, f"{schema}.{table}")
     row = bind.execute(text(
         "SELECT c.relpersistence, c.relrowsecurity FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE n.nspname = :schema AND c.relname = :table AND c.relkind = 'r'"), {"schema": schema, "table": table}
@@ -160,7 +163,7 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
             with engine.begin() as connection:
                 _upgrade(connection, options, force)
         except sa_exc.DBAPIError as error:
-            raise translate(error, f"{schema}.{table}") from error
+            raise_translated(error, f"{schema}.{table}")
         return cache_status(engine, schema, table)
     finally:
         if owns:

@@ -16,7 +16,7 @@ except ImportError as missing:  # greenlet is not installed
     raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
 
 from .cache import _MISSING, Cache, _call_key, _negate, _pattern, _positive, normalize_ttl
-from .errors import translate
+from .errors import raise_translated
 from .failsafe import DATABASE_ERRORS
 
 
@@ -56,6 +56,7 @@ class AsyncCache(Cache):
     """
 
     _bind_types: tuple = (AsyncSession, AsyncConnection, AsyncEngine)
+    _engine_type: type = AsyncEngine
 
     def __init__(self, bind, **options):
         if options.get("guard") is not None:
@@ -91,7 +92,7 @@ class AsyncCache(Cache):
             connection = await self.bind.connection() if isinstance(self.bind, AsyncSession) else self.bind
             return consume(await connection.execute(statement, params, execution_options=self._options))
         except sa_exc.DBAPIError as error:
-            raise translate(error, self._where) from error
+            raise_translated(error, self._where)
 
     async def _execute_on_engine(self, statement, params, consume):
         # As Cache: one retry of a read on a connection found dead (server restarted);

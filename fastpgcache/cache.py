@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from . import codec
-from .errors import CacheTimeoutError, pool_timeout_error, translate
+from .errors import CacheTimeoutError, pool_timeout_error, raise_translated, sqlstate
 from .expiry import NOTHING_DUE, ExpiryOnWrite
 from .failsafe import DATABASE_ERRORS, Failsafe
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE, cache_table
@@ -198,8 +198,9 @@ class _Statements:
                   "expires_at": case((expired, None), else_=t.c.expires_at)},
             where=or_(expired, t.c.flags.between(codec.TEXT, codec.JSON)),
         ).returning(func.convert_from(t.c.value, "UTF8"))
-        # incr(create=False), as Django's incr: no row back means missing; NULL back means not a number.
-        numeric = t.c.flags.between(codec.TEXT, codec.JSON)
+        # incr(create=False), as Django's incr: no row back means missing; NULL back means not a number
+        # (only a stored int counts there: Django's own backends refuse "5" + 1).
+        numeric = t.c.flags == codec.JSON
         added = func.convert_to(cast(cast(func.convert_from(t.c.value, "UTF8"), BigInteger) + amount, Text), "UTF8")
         self.incr_existing = (update(t).where(mine, key, live)
                               .values(value=case((numeric, added), else_=t.c.value))
@@ -210,6 +211,7 @@ class _Statements:
         self.scan = (select(t.c.key).where(mine, live, matches, t.c.key > bindparam("after", type_=Text))
                      .order_by(t.c.key).limit(bindparam("batch")))
         self.clear = delete(t).where(mine)
+        self.clear_matching = delete(t).where(mine, matches)
         batch = bindparam("batch")
         ctid = literal_column("ctid")
         # Bounded batches found through the expires_at index; ctid avoids a second key lookup.
@@ -324,6 +326,7 @@ class Cache:
 
     # scoped_session: Flask-SQLAlchemy's db.session, so cache writes join the request's transaction.
     _bind_types: tuple = (Session, scoped_session, Connection, Engine)
+    _engine_type: type = Engine
 
     def __init__(self, bind, *, schema: str | None = None, table: str | None = None,
                  user_id: str | None = None, pickle: bool = False, guard=None, failsafe: bool = False,
@@ -334,6 +337,9 @@ class Cache:
             raise TypeError(f"bind must be a SQLAlchemy {names}, not {type(bind).__name__}")
         if user_id is not None and (not isinstance(user_id, str) or not user_id or "\x00" in user_id):
             raise ValueError("user_id must be a non-empty role name, or None for the connected role")
+        if failsafe and not isinstance(bind, self._engine_type):
+            raise ValueError("failsafe=True needs an Engine: on a Session or Connection a failed statement aborts "
+                             "your transaction, which no fallback answer can hide")
         self.bind = bind
         self.schema = schema or DEFAULT_SCHEMA
         self.table = table or DEFAULT_TABLE
@@ -394,7 +400,7 @@ class Cache:
                     connection.invalidate()
                 raise
         except sa_exc.DBAPIError as error:
-            raise translate(error, self._where) from error
+            raise_translated(error, self._where)
         except sa_exc.TimeoutError:
             if not isinstance(self.bind, Engine):
                 raise
@@ -446,8 +452,10 @@ class Cache:
             return consume(cursor)
         except dialect.loaded_dbapi.Error as error:
             gone = dialect.is_disconnect(error, pooled.dbapi_connection, cursor)
+            # hide_parameters: cached values (tokens, personal data) never reach an error message.
             raise sa_exc.DBAPIError.instance(compiled.string, values, error, dialect.loaded_dbapi.Error,
-                                             connection_invalidated=gone, dialect=dialect) from None
+                                             hide_parameters=True, connection_invalidated=gone,
+                                             dialect=dialect) from None
         finally:
             cursor.close()
 
@@ -551,7 +559,7 @@ class Cache:
         """Remove the ttl of `key`; False if the key is missing or had no ttl."""
         return (yield self._s.persist, {"k": normalize_key(key)}, _returned_any)
 
-    @operation(fallback=_answer(0))
+    @operation(fallback=_answer(None))
     def incr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
         """Add `amount` to the integer at `key` in one atomic statement; a missing key starts at 0.
 
@@ -567,7 +575,7 @@ class Cache:
             statement = self._s.incr if create else self._s.incr_existing
             result = yield statement, {"k": normalize_key(key), "amount": amount}, _scalars
         except sa_exc.DBAPIError as error:
-            state = getattr(error.orig, "pgcode", None) or getattr(error.orig, "sqlstate", None)
+            state = sqlstate(error)
             if state == "22003":
                 raise ValueError(f"incrementing {key!r} by {amount} overflows a 64-bit integer") from None
             if state == "22P02":
@@ -622,7 +630,7 @@ class Cache:
         self._lookups["misses"] += len(wanted) - len(rows)
         return {key: self._decode(flags, value, parse_json) for key, value, flags in rows}
 
-    @operation(fallback=_answer(0))
+    @operation(fallback=_answer(None))
     def delete_many(self, keys: Iterable) -> int:
         """Remove `keys` in one statement; returns how many live values were removed."""
         wanted = _key_list(keys)
@@ -657,12 +665,19 @@ class Cache:
                 return
             after = batch[-1]
 
-    @operation(fallback=_answer(0))
-    def clear(self) -> int:
-        """Remove every entry of this user; returns how many rows were removed."""
-        return (yield self._s.clear, {}, _rowcount)
+    @operation(fallback=_answer(None))
+    def clear(self, pattern: str | None = None) -> int:
+        """Remove every entry of this user, or those whose key matches a glob; returns how many.
 
-    @operation(fallback=_answer(0))
+        One statement either way::
+
+            cache.clear("session:*")   # this role's session entries, live or expired
+        """
+        if pattern is None:
+            return (yield self._s.clear, {}, _rowcount)
+        return (yield self._s.clear_matching, {"regex": _pattern(pattern)}, _rowcount)
+
+    @operation(fallback=_answer(None))
     def cleanup(self, batch_size: int = 1000, *, all_users: bool = False) -> int:
         """Delete expired rows in batches of `batch_size`; returns how many were removed.
 
@@ -699,6 +714,8 @@ class Cache:
 
     def _expire_on_write(self, writes: int):
         # Steps a write adds every N writes (expiry.py); their failure never fails the write itself.
+        if not isinstance(self.bind, self._engine_type):
+            return  # in the caller's transaction a failed batch would abort it; engine calls clean up for all
         due = self._expiry.due(writes)
         if due is NOTHING_DUE:
             return
@@ -755,7 +772,7 @@ class Cache:
         value = self.get(key, _MISSING)
         if value is not _MISSING:
             return value
-        if lock and isinstance(self.bind, Engine):
+        if lock and isinstance(self.bind, self._engine_type):
             return self._fill_locked(key, fn, ttl, wait)
         return self._fill(key, fn, ttl)
 
@@ -785,7 +802,7 @@ class Cache:
             try:
                 return self.bind.connect().execution_options(isolation_level="READ COMMITTED")
             except sa_exc.DBAPIError as error:
-                raise translate(error, self._where) from error
+                raise_translated(error, self._where)
             except sa_exc.TimeoutError:
                 raise pool_timeout_error(self.bind.pool) from None
         except DATABASE_ERRORS as error:

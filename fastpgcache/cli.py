@@ -244,6 +244,8 @@ def _error_line(error: Exception, where: str) -> str:
         return str(translated) if translated is not error else connection_hint(error)
     if isinstance(error, (sa_exc.ArgumentError, psycopg2.ProgrammingError)):
         return "the database URL is not valid: use postgresql://user@host:port/database"
+    if isinstance(error, ImportError):
+        return f"{error} (install the extra that provides it, e.g. pip install 'fastpgcache[all]')"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
@@ -254,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         return 130
-    except (CacheError, UsageError, ValueError, TypeError, RuntimeError, sa_exc.SQLAlchemyError,
-            psycopg2.Error) as error:
+    except BrokenPipeError:
+        # The reader went away (`fastpgcache keys | head`): stop quietly, and keep Python's exit flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return FOUND
+    except (CacheError, UsageError, ValueError, TypeError, RuntimeError, ImportError, OSError,
+            sa_exc.SQLAlchemyError, psycopg2.Error) as error:
         _say(_error_line(error, f"{args.schema}.{args.table}"))
         return ERROR

@@ -50,11 +50,12 @@ def build_url(connection_string: str | None = None, *, url: str | URL | None = N
     """
     given = url or connection_string
     if isinstance(given, URL):
-        return given
+        return _supported(given)
     if given:
         if "://" in given:
             parsed = make_url(given)
-            return parsed.set(drivername=DRIVER) if parsed.drivername in ("postgresql", "postgres") else parsed
+            return _supported(parsed.set(drivername=DRIVER) if parsed.drivername in ("postgresql", "postgres")
+                              else parsed)
         from psycopg2.extensions import parse_dsn
 
         parts = parse_dsn(given)
@@ -62,6 +63,14 @@ def build_url(connection_string: str | None = None, *, url: str | URL | None = N
                           host=parts.pop("host", None), port=int(parts.pop("port")) if "port" in parts else None,
                           database=parts.pop("dbname", None), query=parts)
     return URL.create(DRIVER, username=user, password=password or None, host=host, port=port, database=database)
+
+
+def _supported(url: URL) -> URL:
+    # Other databases, and drivers without psycopg's blocking API, fail later with a less helpful error.
+    if url.get_backend_name() != "postgresql" or url.get_driver_name() not in ("psycopg2", "psycopg"):
+        raise ValueError(f"fastpgcache needs a postgresql+psycopg2:// or postgresql+psycopg:// URL, "
+                         f"not {url.drivername}://")
+    return url
 
 
 class FastPgCache(Cache):

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from .errors import CacheConnectionError, CacheError
+from .errors import CacheConnectionError, CacheError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class DatabricksTokenProvider:
         except Exception as error:
             raise DatabricksTokenError(
                 f"could not get a Databricks database credential for {self._target}: {type(error).__name__}: "
-                f"{_first_line(error)} (check the workspace authentication, e.g. the --profile/profile, "
+                f"{first_line(error)} (check the workspace authentication, e.g. the --profile/profile, "
                 "and that the instance exists and you may use it)") from error
         token = getattr(response, "token", None)
         if not isinstance(token, str) or not token:
@@ -281,7 +281,7 @@ def _login_refused(error: Exception) -> bool:
 
 def _refused(provider: DatabricksTokenProvider, error: Exception) -> DatabricksTokenError:
     # Said in Databricks terms: the generic hint (check PGPASSWORD) would point the wrong way.
-    detail = _first_line(error).split("FATAL:")[-1].strip()
+    detail = first_line(error).split("FATAL:")[-1].strip()
     return DatabricksTokenError(
         f"the server refused the Databricks token for {provider._target} ({detail}), also after renewing it: "
         "check that this user has a PostgreSQL role in the instance and may log in to this database")
@@ -303,7 +303,7 @@ def workspace_client(profile: str | None = None):
     except Exception as error:
         source = f"profile {profile!r}" if profile else "the default authentication (no profile given)"
         raise DatabricksTokenError(
-            f"cannot set up the Databricks workspace client from {source}: {_first_line(error)}") from error
+            f"cannot set up the Databricks workspace client from {source}: {first_line(error)}") from error
 
 
 def provider_for_instance(instance_name: str, profile: str | None = None, **options) -> DatabricksTokenProvider:
@@ -362,8 +362,3 @@ def _utc(moment: float) -> str:
     if math.isinf(moment):
         return "renewal (no expiry reported)"
     return datetime.fromtimestamp(moment, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

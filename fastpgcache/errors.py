@@ -29,14 +29,25 @@ class CacheTimeoutError(CacheError, TimeoutError):
     """A call waited too long: for a pooled connection, a lock, or the statement itself."""
 
 
-def _sqlstate(error: sa_exc.DBAPIError) -> str | None:
+def sqlstate(error: sa_exc.DBAPIError) -> str | None:
+    """PostgreSQL's five-character error code, from psycopg2 or psycopg 3."""
     orig = error.orig
     return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
 
 
-def _first_line(error: sa_exc.DBAPIError) -> str:
-    text = str(error.orig).strip().splitlines()
-    return text[0] if text else type(error.orig).__name__
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (a driver error's own, without SQL or parameters)."""
+    source = getattr(error, "orig", None) or error
+    text = str(source).strip().splitlines()
+    return text[0] if text else type(source).__name__
+
+
+def raise_translated(error: sa_exc.DBAPIError, where: str):
+    """Raise what `translate` makes of `error`: the cache error chained to it, or `error` itself."""
+    translated = translate(error, where)
+    if translated is error:
+        raise error
+    raise translated from error
 
 
 def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
@@ -44,11 +55,11 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
 
     `where` names the table (schema.table) so the message can point at it.
     """
-    state = _sqlstate(error)
+    state = sqlstate(error)
     if state in ("42P01", "3F000"):  # undefined_table, invalid_schema_name
         return CacheNotSetUpError(f"cache table {where} does not exist: {SETUP_HINT}")
     if state == "42501":  # insufficient_privilege, including row-level security refusals
-        detail = _first_line(error)
+        detail = first_line(error)
         if "row-level security" in detail:
             return CachePermissionError(
                 f"{detail}. Each database role may only read and write rows whose user_id is its own "
@@ -60,14 +71,14 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
         )
     if state in ("57014", "55P03"):  # query_canceled (statement_timeout), lock_not_available (lock_timeout)
         setting = "lock_timeout" if state == "55P03" else "statement_timeout"
-        return CacheTimeoutError(f"{_first_line(error)}: the call waited longer than {setting} allows "
+        return CacheTimeoutError(f"{first_line(error)}: the call waited longer than {setting} allows "
                                  f"(raise it, e.g. FastPgCache({setting}=...), or find what holds the lock)")
     if state in ("26000", "42P05"):  # prepared statement missing / duplicate: a transaction-mode pooler
-        return CacheError(f"{_first_line(error)}: behind a transaction-mode pooler (pgbouncer) server-side "
+        return CacheError(f"{first_line(error)}: behind a transaction-mode pooler (pgbouncer) server-side "
                           "prepared statements break; pass prepare_threshold=None (psycopg 3)")
     if error.connection_invalidated or state in ("57P01", "57P02", "08003"):  # admin/crash shutdown, gone
         return CacheConnectionError(
-            f"lost the database connection during the call: {_first_line(error)} (the server restarted, crashed "
+            f"lost the database connection during the call: {first_line(error)} (the server restarted, crashed "
             "or ended the session; the interrupted statement was rolled back unless it had already committed, "
             "so the call can be retried)")
     if isinstance(error, sa_exc.OperationalError) and state in (None, "08001", "08006", "28P01", "28000", "57P03"):
@@ -77,7 +88,7 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
 
 def connection_hint(error: sa_exc.DBAPIError) -> str:
     """One line saying what failed and what to try; never includes the password."""
-    detail = _first_line(error)
+    detail = first_line(error)
     lowered = detail.lower()
     if "password authentication failed" in lowered or "no password supplied" in lowered:
         return f"{detail} (check the password: PGPASSWORD, the URL, or --password)"

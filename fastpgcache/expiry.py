@@ -19,6 +19,8 @@ import logging
 import threading
 from typing import NamedTuple
 
+from .errors import first_line
+
 log = logging.getLogger("fastpgcache")
 
 DEFAULT_EVERY = 50
@@ -86,7 +88,7 @@ class ExpiryOnWrite:
         if self.failures == 1:
             log.warning("fastpgcache: expiry on write failed (%s: %s); the writes themselves succeeded, and "
                         "cleanup() or pg_cron can remove expired rows instead", type(error).__name__,
-                        str(error).strip().splitlines()[0] if str(error).strip() else "")
+                        first_line(error))
 
     def counters(self) -> dict:
         """Rows this process removed on write: `expired_on_write` and `trimmed` (past max_entries)."""

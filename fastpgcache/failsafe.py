@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from .errors import CacheError
+from .errors import CacheError, first_line
 
 log = logging.getLogger("fastpgcache")
 
@@ -62,7 +62,7 @@ class Failsafe:
         """Count `error`; True if the caller should answer with its fallback instead of raising."""
         with self._lock:
             self.errors += 1
-            self.last_error = f"{type(error).__name__}: {_first_line(error)}"
+            self.last_error = f"{type(error).__name__}: {first_line(error)}"
             if not self.enabled:
                 return False
             self._burst += 1
@@ -103,11 +103,6 @@ class Failsafe:
             self.on_error(error, operation)
         except Exception:
             log.exception("fastpgcache: the on_error callback raised; ignoring it")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def discard_dead_connections(engine: Engine) -> Engine:

@@ -176,3 +176,19 @@ def test_console_script_exit_codes(pg_url, schema, engine):
                              env=env, timeout=60)
     assert (found.returncode, json.loads(found.stdout)) == (0, {"n": 1})
     assert (missing.returncode, missing.stdout) == (1, "")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///cache.db", "mysql://u@h/db", "postgresql+asyncpg://u@h/db"])
+def test_a_url_for_another_database_or_driver_is_one_line_exit_2(url, capsys):
+    assert main(["--url", url, "get", "k"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "postgresql+psycopg2://" in err and "Traceback" not in err
+
+
+def test_closed_pipe_ends_quietly(pg_url, schema, cache):
+    cache.set_many({f"k{i:05d}": i for i in range(20_000)})
+    script = Path(sys.executable).with_name("fastpgcache")
+    done = subprocess.run(f"'{script}' --url '{pg_url}' --schema {schema} keys | head -1", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout == "k00000\n"
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

@@ -510,7 +510,7 @@ def test_unknown_options_are_refused(django_schemas, pg_url, options, message):
 def test_location_must_be_a_postgresql_url(django_schemas):
     with pytest.raises(ImproperlyConfigured, match="LOCATION"):
         FastPgCache("", {})
-    with pytest.raises(ValueError, match="PostgreSQL URL"):
+    with pytest.raises(ValueError, match=r"postgresql\+psycopg2:// or postgresql\+psycopg:// URL"):
         FastPgCache("sqlite:///cache.db", {})
 
 

@@ -22,8 +22,6 @@ def shared_engine(url: str | URL, engine_options: dict | None = None) -> Engine:
     """
     options = dict(engine_options or {})
     target = build_url(url=url)
-    if target.get_backend_name() != "postgresql":
-        raise ValueError(f"fastpgcache needs a PostgreSQL URL, got a {target.get_backend_name()!r} one")
     identity = (target.render_as_string(hide_password=False), repr(sorted(options.items())))
     with _engines_lock:
         engine = _engines.get(identity)
