@@ -354,6 +354,10 @@ def test_long_and_float_timeouts_are_relative(cache):
     assert cache.add("key2", "ham", 60 * 60 * 24 * 30 + 1) is True
     cache.set("key3", "spam", 100.2)
     assert cache.get("key3") == "spam"
+    month = 60 * 60 * 24 * 30 + 1
+    assert month - 1 <= cache.store.ttl(cache.make_key("key1")) <= month  # from now, not since 1970
+    assert month - 1 <= cache.store.ttl(cache.make_key("key2")) <= month
+    assert cache.store.ttl(cache.make_key("key3")) == 101  # rounded up
 
 
 def test_touch(cache):
@@ -514,10 +518,15 @@ def test_location_must_be_a_postgresql_url(django_schemas):
         FastPgCache("sqlite:///cache.db", {})
 
 
-def test_password_stays_out_of_repr(django_schemas):
-    backend = FastPgCache("postgresql://app:s3cret-pw@127.0.0.1:1/app", {})
-    assert "s3cret-pw" not in repr(backend)
-    assert "s3cret-pw" not in repr(backend.store.bind)
+def test_password_stays_out_of_reprs_and_errors(django_schemas):
+    from fastpgcache import CacheConnectionError
+
+    backend = FastPgCache("postgresql://app:s3cret-pw@127.0.0.1:1/app", {"OPTIONS": {"schema": "s"}})
+    assert repr(backend) == "<FastPgCache <Cache s.cache on Engine>>"
+    assert repr(backend.store) == "<Cache s.cache on Engine>"
+    with pytest.raises(CacheConnectionError) as raised:
+        backend.get("k")
+    assert "s3cret-pw" not in str(raised.value) and "s3cret-pw" not in repr(raised.value)
 
 
 def test_missing_table_says_how_to_create_it(django_schemas, pg_url):
@@ -561,6 +570,13 @@ def test_failsafe_option_turns_an_outage_into_misses(django_schemas):
     assert backend.add("k", 1) is False
     assert backend.has_key("k") is False
     assert backend.get_many(["k"]) == {}
+    with pytest.raises(ValueError, match="not found"):  # a failed incr counts nothing: a miss
+        backend.incr("k")
+    with pytest.raises(ValueError, match="not found"):
+        backend.decr("k")
+    assert backend.set_many({"k": 1, "j": 2}) == ["k", "j"]  # Django: the keys that failed
+    assert backend.set_many({"k": 1, "j": 2}, timeout=0) == ["k", "j"]  # the delete failed too
+    assert backend.set_many({}) == []
     with pytest.raises(CacheConnectionError):
         FastPgCache(down, {}).get("k")
 

@@ -19,7 +19,9 @@ BACKEND = "fastpgcache.contrib.flask.FastPgCache"
 
 def make_app(pg_url, schema, **config):
     app = flask.Flask(f"app_{uuid.uuid4().hex[:6]}")
-    app.config.update(CACHE_TYPE=BACKEND, CACHE_FASTPGCACHE_URL=pg_url, CACHE_FASTPGCACHE_SCHEMA=schema, **config)
+    app.config.update(CACHE_TYPE=BACKEND, CACHE_FASTPGCACHE_URL=pg_url, **config)
+    if schema is not None:
+        app.config["CACHE_FASTPGCACHE_SCHEMA"] = schema
     return app
 
 
@@ -210,9 +212,53 @@ def test_cache_writes_roll_back_with_a_failed_request(notes_app):
     assert not outside.exists("note:junk")
 
 
+DOWN = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens on port 1
+
+
 def test_failsafe_setting_follows_flask_cachings_error_conventions(schema):
-    app = make_app("postgresql://postgres@127.0.0.1:1/postgres", schema, CACHE_FASTPGCACHE_FAILSAFE=True)
-    backend = flask_caching.Cache(app).cache
+    backend = flask_caching.Cache(make_app(DOWN, schema, CACHE_FASTPGCACHE_FAILSAFE=True)).cache
     assert backend.set("k", 1) is False  # "False for backend errors"
+    assert backend.set("k", 1, timeout=-1) is False  # the delete that expires it failed too
     assert backend.get("k") is None
     assert backend.has("k") is False
+    assert backend.get_many("k", "j") == [None, None]
+    assert backend.set_many({"k": 1, "j": 2}) == []  # "the keys that were set": none
+    assert backend.set_many({"k": 1}, timeout=-1) == []
+    assert backend.inc("n") is None and backend.dec("n") is None  # "None for backend errors"
+    assert backend.clear() is False
+
+
+def test_failsafe_delete_many_honours_cache_ignore_errors(schema):
+    quiet = flask_caching.Cache(make_app(DOWN, schema, CACHE_FASTPGCACHE_FAILSAFE=True,
+                                         CACHE_IGNORE_ERRORS=True)).cache
+    assert quiet.delete_many("k", "j") == []  # "the keys deleted": none
+    strict = flask_caching.Cache(make_app(DOWN, schema, CACHE_FASTPGCACHE_FAILSAFE=True)).cache
+    with pytest.raises(RuntimeError, match=r"Failed to delete keys: \['k', 'j'\]"):
+        strict.delete_many("k", "j")
+
+
+def test_clear_with_a_prefix_is_one_statement(pg_url, schema, monkeypatch):
+    backend = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="p_")).cache
+    other = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="q_")).cache
+    backend.set_many({f"k{i}": i for i in range(5)})
+    other.set("k0", "kept")
+    statements, run = [], backend.store._run
+
+    def recording_run(pooled, dialect, statement, params, consume):
+        statements.append(str(statement).split()[0])
+        return run(pooled, dialect, statement, params, consume)
+
+    monkeypatch.setattr(backend.store, "_run", recording_run)
+    assert backend.clear() is True
+    assert statements == ["DELETE"]  # not a SELECT of every key first
+    assert backend.get_many("k0", "k4") == [None, None]
+    assert other.get("k0") == "kept"
+
+
+def test_cache_options_hold_unless_config_sets_them(pg_url, schema, engine):
+    options = {"schema": schema, "table": "cache", "failsafe": True, "key_prefix": "opt_"}
+    backend = flask_caching.Cache(make_app(pg_url, None, CACHE_OPTIONS=options)).cache
+    assert (backend.store.schema, backend.key_prefix, backend.store._failsafe.enabled) == (schema, "opt_", True)
+    explicit = flask_caching.Cache(make_app(pg_url, schema, CACHE_OPTIONS={**options, "schema": "elsewhere"},
+                                            CACHE_KEY_PREFIX="cfg_", CACHE_FASTPGCACHE_FAILSAFE=False)).cache
+    assert (explicit.store.schema, explicit.key_prefix, explicit.store._failsafe.enabled) == (schema, "cfg_", False)

@@ -122,7 +122,10 @@ class FastPgCache(BaseCache):
         return self.store.exists(self.make_and_validate_key(key, version=version))
 
     def incr(self, key, delta=1, version=None):
-        """Add `delta` atomically; ValueError if the key is missing, TypeError if it holds no integer."""
+        """Add `delta` atomically; ValueError if the key is missing, TypeError if it holds no integer.
+
+        In failsafe mode a database error is a miss too (ValueError): there is no count to return.
+        """
         made = self.make_and_validate_key(key, version=version)
         try:
             value = self.store.incr(made, delta, create=False)
@@ -141,14 +144,15 @@ class FastPgCache(BaseCache):
         return {made[key]: value for key, value in found.items()}
 
     def set_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
-        """Store every item in one statement; returns the keys that failed (always none)."""
+        """Store every item in one statement (all or nothing); returns the keys that failed: none, or
+        all of them when failsafe mode absorbed a database error."""
         rows = {self.make_and_validate_key(key, version=version): value for key, value in data.items()}
         seconds = self.get_backend_timeout(timeout)
         if seconds == 0:
-            self.store.delete_many(rows)
+            done = self.store.delete_many(rows) is not None
         else:
-            self.store.set_many(rows, seconds)
-        return []
+            done = self.store.set_many(rows, seconds) == len(rows)
+        return [] if done else list(data)
 
     def delete_many(self, keys, version=None):
         self.store.delete_many([self.make_and_validate_key(key, version=version) for key in keys])

@@ -9,7 +9,9 @@
 Optional settings: CACHE_FASTPGCACHE_SCHEMA, CACHE_FASTPGCACHE_TABLE,
 CACHE_FASTPGCACHE_ENGINE_OPTIONS (keyword arguments for create_engine),
 CACHE_FASTPGCACHE_FAILSAFE (True: database errors read as misses and failed writes),
-CACHE_KEY_PREFIX and CACHE_DEFAULT_TIMEOUT as for every Flask-Caching backend.
+CACHE_KEY_PREFIX, CACHE_DEFAULT_TIMEOUT and CACHE_IGNORE_ERRORS as for every
+Flask-Caching backend. CACHE_OPTIONS may name the same settings as keyword
+arguments (schema=..., failsafe=...); a config value that is set wins.
 """
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ class FastPgCache(BaseCache):
     """A Flask-Caching backend with Flask-Caching's conventions, on fastpgcache's `Cache`.
 
     Timeouts: None is the default timeout, 0 never expires, a negative one
-    expires at once. `inc` on a missing key starts from 0::
+    expires at once. `inc` on a missing key starts from 0. With `failsafe=True`
+    a database error answers as Flask-Caching expects of a backend error: False,
+    None, or no keys; `delete_many` then raises RuntimeError unless
+    `ignore_delete_many_errors` (CACHE_IGNORE_ERRORS) is set::
 
         backend = FastPgCache("postgresql://app@db/app", key_prefix="shop_")
         backend.set("answer", 41)      # True
@@ -49,10 +54,7 @@ class FastPgCache(BaseCache):
         if not url:
             raise ValueError("fastpgcache needs CACHE_FASTPGCACHE_URL (or SQLALCHEMY_DATABASE_URI): "
                              "a SQLAlchemy URL such as postgresql://user@host/db")
-        kwargs = {**kwargs, "key_prefix": config.get("CACHE_KEY_PREFIX") or "",
-                  "schema": config.get("CACHE_FASTPGCACHE_SCHEMA"), "table": config.get("CACHE_FASTPGCACHE_TABLE"),
-                  "engine_options": config.get("CACHE_FASTPGCACHE_ENGINE_OPTIONS"),
-                  "failsafe": bool(config.get("CACHE_FASTPGCACHE_FAILSAFE", False))}
+        kwargs = {**kwargs, **_config_settings(config, kwargs)}
         return cls(url, *args, **kwargs)
 
     def __repr__(self) -> str:
@@ -79,8 +81,8 @@ class FastPgCache(BaseCache):
     def set(self, key, value, timeout=None):
         seconds = self._seconds(timeout)
         if seconds == 0:
-            self.store.delete(self._key(key))
-            return True
+            # delete_many, not delete: its None tells a failed delete from an absent key.
+            return self.store.delete_many([self._key(key)]) is not None
         return self.store.set(self._key(key), value, seconds)
 
     def add(self, key, value, timeout=None):
@@ -90,30 +92,33 @@ class FastPgCache(BaseCache):
         return self.store.set(self._key(key), value, seconds, nx=True)
 
     def set_many(self, mapping, timeout=None):
-        """Store every item in one statement; returns the keys set (all of them)."""
+        """Store every item in one statement (all or nothing); returns the keys set: all, or none on an error."""
         seconds = self._seconds(timeout)
         rows = {self._key(key): value for key, value in mapping.items()}
         if seconds == 0:
-            self.store.delete_many(rows)
+            done = self.store.delete_many(rows) is not None
         else:
-            self.store.set_many(rows, seconds)
-        return list(mapping)
+            done = self.store.set_many(rows, seconds) == len(rows)
+        return list(mapping) if done else []
 
     def delete(self, key):
         return self.store.delete(self._key(key))
 
     def delete_many(self, *keys):
-        """Delete in one statement; returns the keys now absent (every one: a DELETE does not half-fail)."""
-        self.store.delete_many([self._key(key) for key in keys])
-        return list(keys)
+        """Delete in one statement; returns the keys now absent: all of them, or none on an error.
+
+        A failed delete raises RuntimeError unless `ignore_delete_many_errors` is set (Flask-Caching's rule).
+        """
+        if self.store.delete_many([self._key(key) for key in keys]) is not None:
+            return list(keys)
+        if not self.ignore_delete_many_errors:
+            raise RuntimeError(f"Failed to delete keys: {list(keys)}")
+        return []
 
     def clear(self):
-        """Remove this prefix's entries (every entry of this role when there is no prefix)."""
-        if not self.key_prefix:
-            self.store.clear()
-            return True
-        self.store.delete_many(self.store.keys(_glob_escape(self.key_prefix) + "*"))
-        return True
+        """Remove this prefix's entries (every entry of this role when there is no prefix), in one statement."""
+        pattern = _glob_escape(self.key_prefix) + "*" if self.key_prefix else None
+        return self.store.clear(pattern) is not None
 
     def inc(self, key, delta=1):
         return self.store.incr(self._key(key), delta)
@@ -122,6 +127,20 @@ class FastPgCache(BaseCache):
         return self.store.decr(self._key(key), delta)
 
 
+_SETTINGS = {"key_prefix": "CACHE_KEY_PREFIX", "schema": "CACHE_FASTPGCACHE_SCHEMA",
+             "table": "CACHE_FASTPGCACHE_TABLE", "engine_options": "CACHE_FASTPGCACHE_ENGINE_OPTIONS",
+             "failsafe": "CACHE_FASTPGCACHE_FAILSAFE"}
+_DEFAULT_KEY_PREFIX = "flask_cache_"  # what Flask-Caching fills in when CACHE_KEY_PREFIX is not set
+
+
+def _config_settings(config, options: dict) -> dict:
+    # Config values that are set win over CACHE_OPTIONS; Flask-Caching's default prefix does not.
+    settings = {name: config.get(setting) for name, setting in _SETTINGS.items() if config.get(setting) is not None}
+    if settings.get("key_prefix") == _DEFAULT_KEY_PREFIX and "key_prefix" in options:
+        del settings["key_prefix"]
+    return settings
+
+
 def _glob_escape(text: str) -> str:
-    # A prefix is literal text; keys() takes a glob.
+    # A prefix is literal text; clear() takes a glob.
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
