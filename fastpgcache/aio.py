@@ -15,8 +15,8 @@ try:
 except ImportError as missing:  # greenlet is not installed
     raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
 
-from .cache import _MISSING, Cache, _call_key, _negate, _pattern, _positive, normalize_ttl
-from .errors import raise_translated
+from .cache import _MISSING, Cache, _call_key, _check_wait, _negate, _pattern, _positive, normalize_ttl
+from .errors import pool_timeout_error, raise_translated
 from .failsafe import DATABASE_ERRORS
 
 
@@ -93,6 +93,10 @@ class AsyncCache(Cache):
             return consume(await connection.execute(statement, params, execution_options=self._options))
         except sa_exc.DBAPIError as error:
             raise_translated(error, self._where)
+        except sa_exc.TimeoutError:
+            if not isinstance(self.bind, AsyncEngine):
+                raise
+            raise pool_timeout_error(self.bind.pool) from None
 
     async def _execute_on_engine(self, statement, params, consume):
         # As Cache: one retry of a read on a connection found dead (server restarted);
@@ -107,9 +111,9 @@ class AsyncCache(Cache):
 
     # -- what is not a single operation ---------------------------------------------
 
-    async def decr(self, key, amount: int = 1) -> int:
+    async def decr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
         """Subtract `amount` from the integer at `key`: `await cache.decr("stock")`."""
-        return await self.incr(key, _negate(amount))
+        return await self.incr(key, _negate(amount), create=create)
 
     async def scan_iter(self, pattern: str = "*", batch_size: int = 1000) -> AsyncIterator[str]:
         """Iterate over matching live keys in key order::
@@ -127,21 +131,44 @@ class AsyncCache(Cache):
                 return
             after = batch[-1]
 
-    async def get_or_set(self, key, fn: Callable[[], Any], ttl=None):
+    async def get_or_set(self, key, fn: Callable[[], Any], ttl=None, *, lock: bool = True, wait: float = 5.0):
         """The cached value of `key`, else `fn()` (awaited if it is a coroutine) stored and returned::
 
             profile = await cache.get_or_set(f"profile:{uid}", lambda: load_profile(uid), ttl=300)
+
+        `lock` and `wait` protect against stampedes exactly as in `Cache.get_or_set`.
         """
         normalize_ttl(ttl)
+        _check_wait(wait)
         value = await self.get(key, _MISSING)
-        if value is _MISSING:
-            value = fn()
-            if inspect.isawaitable(value):
-                value = await value
-            await self.set(key, value, ttl)
+        if value is not _MISSING:
+            return value
+        if lock and isinstance(self.bind, AsyncEngine):
+            return await self._fill_locked(key, fn, ttl, wait)
+        return await self._fill(key, fn, ttl)
+
+    async def _fill(self, key, fn, ttl):
+        value = fn()
+        if inspect.isawaitable(value):
+            value = await value
+        await self.set(key, value, ttl)
         return value
 
-    def cached(self, ttl=None, key: str | Callable[..., str] | None = None):
+    async def _fill_locked(self, key, fn, ttl, wait):
+        # As Cache._fill_locked: the first caller computes under the key's advisory lock, the rest read its result.
+        try:
+            async with self.bind.connect() as connection:
+                await connection.execution_options(isolation_level="READ COMMITTED")
+                async with connection.begin():
+                    twin = self._bound_to(connection)
+                    if await twin._lock_turn(key, wait):
+                        value = await twin.get(key, _MISSING)  # stored while we waited, or just before we locked
+                        return value if value is not _MISSING else await twin._fill(key, fn, ttl)
+        except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:  # connecting or committing; statements translate
+            self._absorb_connect_error(error)
+        return await self._fill(key, fn, ttl)
+
+    def cached(self, ttl=None, key: str | Callable[..., str] | None = None, *, lock: bool = True):
         """Decorator caching an async function's result per arguments::
 
             @cache.cached(ttl=60)
@@ -159,7 +186,7 @@ class AsyncCache(Cache):
             @functools.wraps(fn)
             async def wrapper(*args, **kwargs):
                 cache_key = _call_key(fn, key, args, kwargs)
-                return await self.get_or_set(cache_key, lambda: fn(*args, **kwargs), ttl)
+                return await self.get_or_set(cache_key, lambda: fn(*args, **kwargs), ttl, lock=lock)
 
             return wrapper
 

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from . import codec
-from .errors import CacheTimeoutError, pool_timeout_error, raise_translated, sqlstate
+from .errors import CacheTimeoutError, pool_timeout_error, raise_translated, sqlstate, translate
 from .expiry import NOTHING_DUE, ExpiryOnWrite
 from .failsafe import DATABASE_ERRORS, Failsafe
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE, cache_table
@@ -67,7 +67,10 @@ def normalize_key(key) -> str:
         raise TypeError(f"invalid key type {type(key).__name__}: use str, bytes, int or float")
     if "\x00" in text_key:
         raise ValueError("keys cannot contain NUL characters (PostgreSQL text cannot store them)")
-    size = len(text_key.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(text_key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("keys must be valid Unicode text (this one holds a lone surrogate)") from None
     if size > MAX_KEY_BYTES:
         raise ValueError(f"key is {size} bytes; the limit is {MAX_KEY_BYTES} bytes of UTF-8 (hash longer keys)")
     if size == 0:
@@ -123,8 +126,8 @@ def _glob_class(pattern: str, i: int) -> tuple[str, int]:
     members = []
     while i < len(pattern) and pattern[i] != "]":
         if pattern[i] == "\\" and i + 1 < len(pattern):
-            i += 1
-            members.append("\\" + pattern[i])
+            i += 1  # an escaped character is itself; only the set's own metacharacters keep a backslash
+            members.append("\\" + pattern[i] if pattern[i] in "\\]^[-" else pattern[i])
         elif pattern[i] in "[^\\":
             members.append("\\" + pattern[i])
         else:
@@ -421,7 +424,9 @@ class Cache:
                 return self._run(pooled, self.bind.dialect, statement, params, consume)
             except sa_exc.DBAPIError as error:
                 if error.connection_invalidated:
-                    pooled.invalidate()
+                    # As SQLAlchemy's own execution does: every connection pooled before now is from
+                    # the lost server too, so the pool replaces them all, not just this one.
+                    self.bind.pool._invalidate(pooled, error)
                 if attempt == 2 or not error.connection_invalidated or not statement.is_select:
                     raise
             finally:
@@ -569,8 +574,7 @@ class Cache:
             cache.incr("hits")        # 1
             cache.incr("hits", 10)    # 11
         """
-        if not isinstance(amount, int) or isinstance(amount, bool):
-            raise TypeError(f"amount must be an int, not {type(amount).__name__}")
+        _check_amount(amount)
         try:
             statement = self._s.incr if create else self._s.incr_existing
             result = yield statement, {"k": normalize_key(key), "amount": amount}, _scalars
@@ -767,8 +771,7 @@ class Cache:
         caller commits, so it is skipped.
         """
         normalize_ttl(ttl)
-        if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 < wait <= 3600:
-            raise ValueError(f"wait must be a number of seconds in (0, 3600], got {wait!r}")
+        _check_wait(wait)
         value = self.get(key, _MISSING)
         if value is not _MISSING:
             return value
@@ -799,16 +802,17 @@ class Cache:
     def _lock_connection(self):
         # A pooled connection of its own for the lock's transaction (READ COMMITTED, so waiters see the commit).
         try:
-            try:
-                return self.bind.connect().execution_options(isolation_level="READ COMMITTED")
-            except sa_exc.DBAPIError as error:
-                raise_translated(error, self._where)
-            except sa_exc.TimeoutError:
-                raise pool_timeout_error(self.bind.pool) from None
-        except DATABASE_ERRORS as error:
-            if not self._failsafe.absorb(error, "get_or_set"):
-                raise
+            return self.bind.connect().execution_options(isolation_level="READ COMMITTED")
+        except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:
+            self._absorb_connect_error(error)
             return None
+
+    def _absorb_connect_error(self, error) -> None:
+        """Failsafe's answer to a connection get_or_set could not get: absorb it, or raise it as a cache error."""
+        problem = pool_timeout_error(self.bind.pool) if isinstance(error, sa_exc.TimeoutError) else \
+            translate(error, self._where)
+        if not self._failsafe.absorb(problem, "get_or_set"):
+            raise problem from (None if problem is error else error)
 
     def _bound_to(self, connection) -> "Cache":
         # This cache on one connection, so the lock, the re-read and the store share one transaction. Its
@@ -865,9 +869,22 @@ def _call_key(fn, key, args, kwargs) -> str:
     return f"cached:{fn.__module__}.{fn.__qualname__}:{digest}"
 
 
-def _negate(amount) -> int:
+def _check_wait(wait) -> None:
+    # get_or_set's lock wait, checked before any SQL (shared with AsyncCache).
+    if not isinstance(wait, (int, float)) or isinstance(wait, bool) or not 0 < wait <= 3600:
+        raise ValueError(f"wait must be a number of seconds in (0, 3600], got {wait!r}")
+
+
+def _check_amount(amount) -> None:
+    # Counters are 64-bit in SQL; a larger amount would be sent as numeric and slip past the overflow check.
     if not isinstance(amount, int) or isinstance(amount, bool):
         raise TypeError(f"amount must be an int, not {type(amount).__name__}")
+    if not -(2**63) <= amount < 2**63:
+        raise ValueError(f"amount {amount} does not fit in a signed 64-bit integer")
+
+
+def _negate(amount) -> int:
+    _check_amount(amount)
     return -amount
 
 

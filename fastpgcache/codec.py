@@ -37,8 +37,24 @@ def serialize(value, *, allow_pickle: bool = False) -> tuple[int, bytes]:
     if allow_pickle:
         return PICKLE, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     if isinstance(value, (dict, list)):
-        return JSON, json.dumps(value, default=_refuse, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        _check_json(value)
+        return JSON, json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     _refuse(value)
+
+
+def _check_json(value) -> None:
+    # json.dumps would quietly turn {1: x} into {"1": x} and tuples into lists: refuse what would not read back.
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"cannot cache a dict with a {type(key).__name__} key ({key!r}): JSON keys are "
+                                "str, so it would read back changed (or create the cache with pickle=True)")
+            _check_json(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item)
+    elif not isinstance(value, (str, bool, int, float, type(None))):
+        _refuse(value)
 
 
 def deserialize(flags: int, data: bytes, *, parse_json: bool = True, allow_pickle: bool = False):

@@ -96,6 +96,10 @@ def connection_hint(error: sa_exc.DBAPIError) -> str:
         return f"{detail} (is the server running and reachable at that host and port?)"
     if "does not exist" in lowered:
         return f"{detail} (check the database and user names)"
+    if "unsupported startup parameter" in lowered:
+        return (f"{detail} (a pooler such as pgbouncer refuses the libpq options FastPgCache sends for its "
+                "timeouts: pass statement_timeout=None, lock_timeout=None, or set "
+                "ignore_startup_parameters = options in the pooler)")
     return detail
 
 

@@ -393,3 +393,54 @@ def test_bad_bind_and_user_id(engine):
 
 def test_repr_names_table(cache, schema):
     assert repr(cache) == f"<Cache {schema}.cache on Engine>"
+
+
+def test_incr_amount_must_fit_in_64_bits(cache):
+    for amount in (2**63, -(2**63) - 1, 2**70):
+        with pytest.raises(ValueError, match="64-bit"):
+            cache.incr("n", amount)
+        with pytest.raises(ValueError, match="64-bit"):
+            cache.decr("n", -amount)
+    assert cache.exists("n") is False
+    assert cache.incr("n", 2**63 - 1) == 2**63 - 1
+
+
+@pytest.mark.parametrize("value", [{1: "a"}, {True: 1}, {None: 1}, [1, (2, 3)], {"a": {"b": (1,)}},
+                                   {"a": [1, {2: "x"}]}, {"s": {1, 2}}])
+def test_nested_values_that_would_change_type_are_refused(cache, value):
+    with pytest.raises(TypeError, match="cannot cache"):
+        cache.set("k", value)
+    assert cache.exists("k") is False
+
+
+def test_nested_json_values_round_trip_exactly(cache):
+    value = {"a": [1, 2.5, True, None, "x", {"b": []}], "c": {}}
+    cache.set("k", value)
+    assert cache.get("k") == value
+
+
+def test_glob_escapes_inside_a_class_are_literal(cache):
+    cache.set_many({"d": 1, "5": 2, "w": 3, "]": 4})
+    assert cache.keys("[\\d]") == ["d"]
+    assert cache.keys("[\\w5]") == ["5", "w"]
+    assert cache.keys("[\\]]") == ["]"]
+
+
+def test_keys_with_lone_surrogates_are_refused_clearly(cache):
+    with pytest.raises(ValueError, match="surrogate"):
+        cache.set("bad\ud800key", "v")
+
+
+def test_errors_do_not_carry_cached_values(engine, schema):
+    from sqlalchemy import text as sql_text
+
+    with engine.begin() as connection:  # a constraint the table does not normally have, to force an error
+        connection.execute(sql_text(f'ALTER TABLE "{schema}".cache ADD CONSTRAINT small CHECK (length(value) < 5)'))
+    with pytest.raises(Exception) as raised:
+        Cache(engine, schema=schema).set("k", "secret-token-123")
+    chain, error = [], raised.value
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__
+    assert all("secret-token-123" not in str(e) for e in chain)
+    assert raised.value.__cause__ is not raised.value

@@ -81,6 +81,22 @@ def test_a_plain_cache_on_an_engine_retries_a_read_after_a_restart(server, own_s
 
 
 @pytest.mark.own_server
+def test_a_plain_cache_recovers_every_pooled_connection_after_a_restart(server, own_schema):
+    # Several pooled connections all die with the server: one dead one must not be followed by another.
+    engine = create_engine(server.url, pool_size=4)
+    try:
+        cache = Cache(engine, schema=own_schema)
+        cache.set("k", "v")
+        held = [engine.connect() for _ in range(4)]  # fill the pool with connections of the old server
+        for connection in held:
+            connection.close()
+        server.restart(mode="fast")
+        assert [cache.get("k") for _ in range(3)] == ["v", "v", "v"]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.own_server
 def test_after_a_crash_the_cache_is_empty_and_works(server, own_schema):
     with FastPgCache(url=server.url, schema=own_schema, minconn=2, maxconn=4) as cache, \
             FastPgCache(url=server.url, schema=own_schema, use_cuckoo_filter=False) as other:
