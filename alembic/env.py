@@ -1,6 +1,7 @@
 """Alembic environment for the cache schema.
 
-Run from a checkout (`alembic -x url=... upgrade head`) or through
+Run from a checkout (`FASTPGCACHE_URL=postgresql://admin@db/app alembic upgrade head`,
+with the password in PGPASSWORD or ~/.pgpass, never on the command line) or through
 `fastpgcache.setup_cache()`, which passes a connection and options in
 `config.attributes`. The history lives in its own version table inside the
 cache schema, so it never meets an application's own `alembic_version`.
@@ -9,14 +10,18 @@ import os
 
 from alembic import context
 from sqlalchemy import create_engine, pool, text
+from sqlalchemy import exc as sa_exc
 
-from fastpgcache.admin import VERSION_TABLE, MigrationOptions
+from fastpgcache.admin import KEEP_SCHEMA, VERSION_TABLE, MigrationOptions
+from fastpgcache.errors import sqlstate
 
 config = context.config
 options: MigrationOptions = config.attributes.get("fastpgcache") or MigrationOptions.from_x_arguments(
     context.get_x_argument(as_dictionary=True)
 )
 config.attributes["fastpgcache"] = options
+
+DEPENDENT_OBJECTS_STILL_EXIST = "2BP01"
 
 
 def _configure_and_run(connection):
@@ -35,14 +40,18 @@ def _configure_and_run(connection):
             # Downgraded to base: leave nothing behind, not even the history.
             version_table = connection.dialect.identifier_preparer.quote(VERSION_TABLE)
             connection.execute(text(f"DROP TABLE IF EXISTS {quoted_schema}.{version_table}"))
-            if options.schema != "public":
-                empty = connection.execute(
-                    text("SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                         " WHERE n.nspname = :s)"),
-                    {"s": options.schema},
-                ).scalar()
-                if empty:
-                    connection.execute(text(f"DROP SCHEMA {quoted_schema}"))
+            if options.schema != "public" and not config.attributes.get(KEEP_SCHEMA):
+                _drop_schema_if_empty(connection, quoted_schema)
+
+
+def _drop_schema_if_empty(connection, quoted_schema):
+    """Drop the schema only if PostgreSQL finds nothing in it (no CASCADE); otherwise keep it."""
+    try:
+        with connection.begin_nested():
+            connection.execute(text(f"DROP SCHEMA {quoted_schema}"))
+    except sa_exc.DBAPIError as error:
+        if sqlstate(error) != DEPENDENT_OBJECTS_STILL_EXIST:
+            raise
 
 
 def run_migrations_online():
@@ -52,7 +61,8 @@ def run_migrations_online():
         return
     url = options.url or os.environ.get("FASTPGCACHE_URL") or config.get_main_option("sqlalchemy.url")
     if not url:
-        raise SystemExit("fastpgcache: no database URL; pass -x url=postgresql://... or set FASTPGCACHE_URL")
+        raise SystemExit("fastpgcache: no database URL; set FASTPGCACHE_URL=postgresql://user@host/db "
+                         "and give the password in PGPASSWORD or ~/.pgpass, not on the command line")
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
         with engine.connect() as connection:

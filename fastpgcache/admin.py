@@ -4,21 +4,33 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .errors import CacheError, CacheNotSetUpError, connection_hint, raise_translated, translate
+from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, translate
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE
 
 VERSION_TABLE = "fastpgcache_alembic_version"
 """Alembic version table of the cache schema; never the application's `alembic_version`."""
 
+KEEP_SCHEMA = "fastpgcache_keep_schema"
+"""`config.attributes` flag: a downgrade run by setup (forced or repair) keeps the schema and its grants."""
+
 _TRUE = {"1", "true", "yes", "on"}
+
+# Plain identifiers only: they never need escaping in DDL, bind-parameter parsing or
+# driver %-formatting, and "<table>_expires_at_idx" stays within PostgreSQL's 63 bytes.
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_SCHEMA_LENGTH = 63
+MAX_TABLE_LENGTH = 48
+NAME_RULE = (f"use [A-Za-z_][A-Za-z0-9_]* (ASCII letters, digits, underscores; not starting with a digit), "
+             f"schema at most {MAX_SCHEMA_LENGTH} characters, table at most {MAX_TABLE_LENGTH}")
 
 
 @dataclass(frozen=True)
@@ -32,13 +44,21 @@ class MigrationOptions:
     url: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        for name in (self.schema, self.table, self.grant_to):
-            if name is not None and (not isinstance(name, str) or not name or "\x00" in name or len(name) > 63):
-                raise ValueError(f"invalid identifier {name!r}: use 1-63 characters without NUL")
+        for kind, name, longest in (("schema", self.schema, MAX_SCHEMA_LENGTH),
+                                    ("table", self.table, MAX_TABLE_LENGTH)):
+            if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or len(name) > longest:
+                raise ValueError(f"invalid {kind} name {name!r}: {NAME_RULE}")
+        role = self.grant_to
+        if role is not None and (not isinstance(role, str) or not role or "\x00" in role
+                                 or len(role.encode()) > 63):
+            raise ValueError(f"invalid role name {role!r}: use 1-63 bytes without NUL")
 
     @classmethod
     def from_x_arguments(cls, x: dict) -> "MigrationOptions":
-        """From `alembic -x schema=... -x table=... -x logged=true -x grant_to=ROLE -x url=...`."""
+        """From `alembic -x schema=... -x table=... -x logged=true -x grant_to=ROLE`.
+
+        `-x url=...` is still read, but a command line is visible in `ps`: prefer FASTPGCACHE_URL.
+        """
         return cls(schema=x.get("schema", DEFAULT_SCHEMA), table=x.get("table", DEFAULT_TABLE),
                    logged=x.get("logged", "false").lower() in _TRUE, grant_to=x.get("grant_to"), url=x.get("url"))
 
@@ -69,6 +89,7 @@ def _alembic(connection: Connection, options: MigrationOptions):
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["connection"] = connection
     config.attributes["fastpgcache"] = options
+    config.attributes[KEEP_SCHEMA] = True
     return config
 
 
@@ -100,7 +121,9 @@ def _upgrade(connection: Connection, options: MigrationOptions, force: bool) -> 
     connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('fastpgcache-admin'))"))
     status = cache_status(connection, options.schema, options.table)
     config = _alembic(connection, options)
-    if force and status["revision"]:
+    if status["revision"] and (force or not status["exists"]):
+        # Forced, or the table was dropped by hand while its revision stayed recorded:
+        # undo what the migrations left (history, trigger function), then build it again.
         command.downgrade(config, "base")
     elif status["exists"] and not status["revision"]:
         if not force:
@@ -145,6 +168,7 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
     """
     from .client import build_url
 
+    options = MigrationOptions(schema=schema, table=table, grant_to=grant_to)  # bad names fail before any SQL
     owns = engine is None
     if engine is None:
         engine = create_engine(build_url(url=url, host=host, port=port, database=database, user=user,
@@ -157,8 +181,7 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
         with engine.connect() as probe:
             existing = cache_status(probe, schema, table)
         keep = existing["exists"] and not force
-        options = MigrationOptions(schema=schema, table=table, grant_to=grant_to,
-                                   logged=(not existing["unlogged"]) if keep and logged is None else bool(logged))
+        options = replace(options, logged=(not existing["unlogged"]) if keep and logged is None else bool(logged))
         try:
             with engine.begin() as connection:
                 _upgrade(connection, options, force)
@@ -186,13 +209,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastpgcache-admin",
         description="Create, check or change the fastpgcache table (run once, as the database admin).")
-    parser.add_argument("--url", help="SQLAlchemy/libpq URL (default: FASTPGCACHE_URL, else the parts below)")
+    parser.add_argument("--url", help="SQLAlchemy/libpq URL (default: FASTPGCACHE_URL, else the parts below); "
+                        "keep the password out of it: use PGPASSWORD or the prompt")
     parser.add_argument("--host", default="localhost")
     parser.add_argument("--port", type=int, default=5432)
     parser.add_argument("--database", default="postgres")
     parser.add_argument("--user", default="postgres")
     parser.add_argument("--password", nargs="?", const="", default=None,
-                        help="accepted for compatibility; prefer PGPASSWORD or a prompt (give --password alone)")
+                        help="give it alone to be prompted; PGPASSWORD or FASTPGCACHE_URL also work. "
+                        "--password VALUE is visible in ps to every local user and is kept only for compatibility")
     parser.add_argument("--schema", default=DEFAULT_SCHEMA)
     parser.add_argument("--table", default=DEFAULT_TABLE)
     parser.add_argument("--force", action="store_true", help="drop and recreate the table without asking")
@@ -268,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         translated = translate(error, f"{args.schema}.{args.table}")
         message = str(translated) if translated is not error else connection_hint(error)
         print(f"fastpgcache-admin: {message}", file=sys.stderr)
+        code = 2
+    except sa_exc.SQLAlchemyError as error:
+        # Not from the server (e.g. a statement SQLAlchemy could not build): still one line, no traceback.
+        print(f"fastpgcache-admin: {type(error).__name__}: {first_line(error)}", file=sys.stderr)
         code = 2
     except (CacheError, CacheNotSetUpError, ValueError, RuntimeError) as error:
         print(f"fastpgcache-admin: {error}", file=sys.stderr)

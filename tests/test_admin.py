@@ -114,3 +114,32 @@ def test_wheel_ships_migrations_and_admin_runs_from_it(tmp_path, pg_url, engine,
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith(str(site))
     assert cache_status(engine, empty_schema)["unlogged"]
+
+
+def test_any_sqlalchemy_error_is_one_line_exit_2(pg_url, empty_schema, capsys):
+    # A role name the statement layer cannot take as written: no traceback, one line.
+    code = main(["--url", pg_url, "--schema", empty_schema, "--grant-to", "a :x"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("fastpgcache-admin: ") and "Traceback" not in err
+
+
+def test_bad_table_name_is_one_line_saying_what_is_accepted(pg_url, empty_schema, capsys):
+    assert main(["--url", pg_url, "--schema", empty_schema, "--table", "c%t"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "A-Za-z" in err
+
+
+def test_force_from_the_command_line_keeps_the_schema(engine, pg_url, schema):
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE FUNCTION "{schema}".answer() RETURNS int LANGUAGE sql AS \'SELECT 42\''))
+    assert main(["--url", pg_url, "--schema", schema, "--force"]) == 0
+    with engine.connect() as connection:
+        assert connection.execute(text(f'SELECT "{schema}".answer()')).scalar() == 42
+
+
+def test_help_does_not_recommend_a_password_on_the_command_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "PGPASSWORD" in out and "FASTPGCACHE_URL" in out and "visible in ps" in out

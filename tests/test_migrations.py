@@ -144,7 +144,8 @@ def test_alembic_without_url_says_how_to_give_one():
     done = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert "FASTPGCACHE_URL" in done.stderr
+    assert "FASTPGCACHE_URL" in done.stderr and "PGPASSWORD" in done.stderr
+    assert "-x url" not in done.stderr
 
 
 def test_missing_table_error_names_the_fix(engine):
@@ -155,3 +156,72 @@ def test_missing_table_error_names_the_fix(engine):
         cache.get("k")
     with pytest.raises(CacheNotSetUpError, match="alembic"):
         cache.set("k", "v")
+
+
+def _has_schema(engine, schema) -> bool:
+    with engine.connect() as connection:
+        found = connection.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :s"), {"s": schema})
+        return found.scalar() == 1
+
+
+def test_force_keeps_the_schema_and_its_grants(engine, make_role, schema):
+    role, _ = make_role("creator", login=False)
+    with engine.begin() as connection:
+        connection.execute(text(f'GRANT CREATE ON SCHEMA "{schema}" TO "{role}"'))
+    setup_cache(engine=engine, schema=schema, force=True)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT has_schema_privilege(:r, :s, 'CREATE')"),
+                                  {"r": role, "s": schema}).scalar()
+
+
+def test_force_with_a_user_function_in_the_schema_keeps_it(engine, schema):
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE FUNCTION "{schema}".answer() RETURNS int LANGUAGE sql AS \'SELECT 42\''))
+    status = setup_cache(engine=engine, schema=schema, force=True)
+    assert status["exists"] and status["revision"] == head_revision()
+    with engine.connect() as connection:
+        assert connection.execute(text(f'SELECT "{schema}".answer()')).scalar() == 42
+
+
+def test_alembic_downgrade_keeps_a_schema_that_holds_other_objects(engine, pg_url, schema):
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE FUNCTION "{schema}".answer() RETURNS int LANGUAGE sql AS \'SELECT 42\''))
+    done = _alembic(pg_url, "-x", f"schema={schema}", "downgrade", "base")
+    assert done.returncode == 0, done.stderr
+    assert _has_schema(engine, schema)
+    assert not cache_status(engine, schema)["exists"]
+    assert not inspect(engine).has_table(VERSION_TABLE, schema=schema)
+    with engine.connect() as connection:
+        assert connection.execute(text(f'SELECT "{schema}".answer()')).scalar() == 42
+
+
+@pytest.mark.parametrize("schema_name, table_name", [
+    ("a :x", "cache"), (None, "c%t"), (None, "t" * 49), ("é" * 40, "cache"), ("s" * 64, "cache"),
+    ("1abc", "cache"), (None, 'quo"te'), ("", "cache"), (None, "a :x"),
+])
+def test_names_outside_the_accepted_form_are_refused_before_any_sql(engine, empty_schema, schema_name, table_name):
+    schema_name = schema_name if schema_name is not None else empty_schema
+    with pytest.raises(ValueError, match=r"A-Za-z_.*48"):
+        setup_cache(engine=engine, schema=schema_name, table=table_name)
+    assert not _has_schema(engine, schema_name)
+
+
+def test_longest_accepted_names_work(engine, empty_schema):
+    table = "t" * 48
+    status = setup_cache(engine=engine, schema=empty_schema, table=table)
+    assert status["exists"]
+    assert inspect(engine).has_index(table, f"{table}_expires_at_idx", schema=empty_schema)
+    Cache(engine, schema=empty_schema, table=table).set("k", "v")
+    assert Cache(engine, schema=empty_schema, table=table).get("k") == "v"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_table_dropped_by_hand_is_recreated_by_setup(engine, schema, force):
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP TABLE "{schema}".cache'))
+    assert cache_status(engine, schema)["revision"] == head_revision()
+    status = setup_cache(engine=engine, schema=schema, force=force)
+    assert status["exists"] and status["unlogged"] and status["row_level_security"]
+    assert status["revision"] == head_revision()
+    Cache(engine, schema=schema).set("back", 1)
+    assert Cache(engine, schema=schema).get("back") == 1

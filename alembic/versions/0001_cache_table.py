@@ -36,4 +36,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     options = context.config.attributes["fastpgcache"]
-    op.execute(f"DROP TABLE {options.qualified_table(op.get_bind().dialect)}")
+    # IF EXISTS: setup repairs a table dropped by hand by downgrading what is left.
+    op.execute(f"DROP TABLE IF EXISTS {options.qualified_table(op.get_bind().dialect)}")
