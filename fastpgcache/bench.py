@@ -657,11 +657,16 @@ def run_bench(url: str | URL | None = None, *, redis_url: str | None = None, set
         report.goals = goals(report, settings)
         return report
     finally:
-        scratch.close()
-        if unpin is not None:
-            unpin()
-        if server is not None:
-            server.stop()
+        # Nested so that each step runs even when the one before it raises.
+        try:
+            scratch.close()
+        finally:
+            try:
+                if unpin is not None:
+                    unpin()
+            finally:
+                if server is not None:
+                    server.stop()
 
 
 def pin_to_cpu(cpu: int, engine, redis_url: str | None = None) -> tuple[Callable[[], None], str | None]:

@@ -136,7 +136,9 @@ def test_pinning_puts_client_and_local_server_on_one_cpu_and_restores_them(pg_ur
 
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(pg_url)
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(pg_url, poolclass=NullPool)  # every connect() forks a new backend
     with engine.connect() as connection:
         backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
     postmaster = bench._local_parent(backend, "postgres")
@@ -150,7 +152,7 @@ def test_pinning_puts_client_and_local_server_on_one_cpu_and_restores_them(pg_ur
             assert os.sched_getaffinity(postmaster) == {0}
             with engine.connect() as connection:  # a backend forked now inherits the CPU
                 fresh = connection.execute(text("SELECT pg_backend_pid()")).scalar()
-                assert os.sched_getaffinity(fresh) == {0}
+                assert fresh != backend and os.sched_getaffinity(fresh) == {0}
             assert "pinned to CPU 0" in note
         undo()
         assert os.sched_getaffinity(0) == mine
@@ -158,3 +160,33 @@ def test_pinning_puts_client_and_local_server_on_one_cpu_and_restores_them(pg_ur
             assert os.sched_getaffinity(postmaster) == server
     finally:
         engine.dispose()
+
+
+def test_cleanup_steps_each_run_when_an_earlier_one_fails(pg_url, monkeypatch):
+    import fastpgcache.embedded
+
+    done = []
+
+    class Server:  # the embedded server's start/stop, on the test server
+        url = pg_url
+
+        def start(self):
+            return self
+
+        def stop(self):
+            done.append("server stopped")
+
+    def failing_close(scratch, close=bench._Scratch.close):
+        close(scratch)
+        raise RuntimeError("close failed")
+
+    def no_workloads(settings):
+        raise KeyboardInterrupt  # stop the run before measuring: only its cleanup is under test
+
+    monkeypatch.setattr(fastpgcache.embedded, "EmbeddedPostgres", Server)
+    monkeypatch.setattr(bench, "pin_to_cpu", lambda cpu, engine, redis_url: (lambda: done.append("unpinned"), None))
+    monkeypatch.setattr(bench._Scratch, "close", failing_close)
+    monkeypatch.setattr(bench, "build_workloads", no_workloads)
+    with pytest.raises(RuntimeError, match="close failed"):
+        bench.run_bench(settings=TINY, progress=False)
+    assert done == ["unpinned", "server stopped"]
