@@ -19,7 +19,7 @@ from hashlib import blake2b
 
 _MAGIC = b"FPCF"
 _HEADER = struct.Struct("<4sBBBxIQQ")  # magic, version, bucket size, fingerprint bits, max kicks, buckets, size
-_VERSION = 1
+_VERSION = 2  # 2: items carry a type tag, so version 1 filters hash differently
 _MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: spreads a fingerprint over the high bits
 _MASK64 = (1 << 64) - 1
 
@@ -33,13 +33,13 @@ def _typecode(bits: int) -> str:
 
 
 def _item_bytes(item) -> bytes:
-    # str and bytes hash by their UTF-8/raw bytes; ints get a 0xFF tag, a byte UTF-8 never contains.
+    # A leading type tag keeps items of different types apart: 123, "123" and b"123" are three items.
     if isinstance(item, str):
-        return item.encode("utf-8", "surrogatepass")
+        return b"s" + item.encode("utf-8", "surrogatepass")
     if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item)
+        return b"b" + bytes(item)
     if isinstance(item, int):
-        return b"\xff" + str(int(item)).encode()
+        return b"i" + str(int(item)).encode()
     raise TypeError(f"CuckooFilter items are str, bytes or int, not {type(item).__name__}")
 
 
@@ -213,9 +213,9 @@ class CuckooFilter:
         magic, version, bucket_size, bits, kicks, buckets, size = _HEADER.unpack_from(data)
         if version != _VERSION:
             raise ValueError(f"saved CuckooFilter has format version {version}; this version reads {_VERSION}")
+        _check_header(bucket_size, bits, kicks, buckets, size)
         slots = array(_typecode(bits))
-        expected = buckets * bucket_size * slots.itemsize
-        if buckets & (buckets - 1) or len(data) - _HEADER.size != expected:
+        if len(data) - _HEADER.size != buckets * bucket_size * slots.itemsize:
             raise ValueError("saved CuckooFilter is truncated or corrupt")
         slots.frombytes(data[_HEADER.size:])
         if sys.byteorder == "big":
@@ -225,6 +225,19 @@ class CuckooFilter:
         restored._slots = slots
         restored._size = size
         return restored
+
+
+def _check_header(bucket_size: int, bits: int, kicks: int, buckets: int, size: int) -> None:
+    # A header __init__ could never have written would load, then fail later in a lookup.
+    problems = [f"{name} {value} is not from {low} to {high}" for name, value, low, high in (
+        ("bucket_size", bucket_size, 1, 64), ("fingerprint_size", bits, 4, 32),
+        ("max_displacements", kicks, 1, 1 << 20)) if not low <= value <= high]
+    if buckets < 1 or buckets & (buckets - 1):
+        problems.append(f"num_buckets {buckets} is not a power of two")
+    elif not problems and size > buckets * bucket_size:
+        problems.append(f"size {size} is more than its {buckets * bucket_size} slots")
+    if problems:
+        raise ValueError(f"saved CuckooFilter has a bad header: {'; '.join(problems)}")
 
 
 def _check_int(name: str, value, low: int, high: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import select
 import threading
@@ -32,8 +33,11 @@ HASH_BYTES = 8
 PAGE_SIZE = 10_000
 """Keys per warm-up query: each page is its own short statement."""
 
-HEARTBEAT_SECONDS = 10.0
-"""An idle listener re-issues LISTEN this often, so a dead connection is noticed."""
+HEARTBEAT_SECONDS = 2.0
+"""The listener re-issues LISTEN (so a dead connection is noticed) and re-checks the trigger this often."""
+
+PSYCOPG3_FLOOR = (3, 3)
+"""Older psycopg 3 can lose notifications and lacks notifies(timeout=, stop_after=)."""
 
 WAKE_SECONDS = 0.1
 """The idle listener wakes this often to notice stop(), so closing a client is quick."""
@@ -75,6 +79,11 @@ class _Listener:
         if not hasattr(self.raw, "poll") and not hasattr(self.raw, "notifies"):
             self.close()
             raise _TurnOff(f"the {type(self.raw).__module__} driver cannot receive notifications; use psycopg2")
+        too_old = None if hasattr(self.raw, "poll") else _psycopg3_too_old()
+        if too_old:
+            self.close()
+            raise _TurnOff(f"psycopg {too_old} can lose notifications; pip install 'psycopg[binary]>=3.3'"
+                           " (or use psycopg2)")
 
     def listen(self, channel: str) -> None:
         cursor = self.raw.cursor()
@@ -125,18 +134,21 @@ class NegativeLookupGuard:
     """
 
     def __init__(self, cache: Cache, capacity: int = 1_000_000, *, error_rate: float = 0.01,
-                 probe_timeout: float = 2.0):
+                 probe_timeout: float = 2.0, heartbeat: float = HEARTBEAT_SECONDS):
         if not isinstance(cache.bind, Engine):
             raise TypeError("the negative-lookup guard needs a Cache on an Engine (it opens its own listener)")
         if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
             raise ValueError(f"capacity must be a positive int (keys per user), got {capacity!r}")
         if not 0 < error_rate < 1:
             raise ValueError(f"error_rate must be between 0 and 1, got {error_rate!r}")
+        if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or not heartbeat > 0:
+            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
         # A twin without a guard runs the warm-up, so the guard never consults itself.
         self._cache = Cache(cache.bind, schema=cache.schema, table=cache.table, user_id=cache.user_id)
         self.capacity = capacity
         self.error_rate = error_rate
         self.probe_timeout = probe_timeout
+        self.heartbeat = heartbeat
         self.channel = notify_channel(cache.schema, cache.table)
         self.where = f"{cache.schema}.{cache.table}"
         self.state = "starting"
@@ -165,10 +177,7 @@ class NegativeLookupGuard:
     def remember(self, keys) -> None:
         """Add keys this process has just written, before its call returns."""
         if self._targets:
-            tokens = [key_token(self._user, key) for key in keys]
-            with self._lock:
-                for bloom in self._targets:
-                    bloom.update(tokens)
+            self._add([key_token(self._user, key) for key in keys])
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -231,8 +240,7 @@ class NegativeLookupGuard:
         listener = _Listener(self._pool)
         try:
             self._listen(listener)
-            if not self._cache._has_notify_trigger(notify_function_name(self._cache.table)):
-                raise _TurnOff("the table has no insert-notification trigger; upgrade it with `fastpgcache-admin`")
+            self._check_trigger()
             self._user = self._user or self._cache._current_user()
             self._probe(listener)
             self._warm(listener, keep_answering=False)
@@ -261,18 +269,39 @@ class NegativeLookupGuard:
                                "pgbouncer?); connect directly to PostgreSQL to use the guard")
             self._receive(listener, remaining)
 
+    def _check_trigger(self) -> None:
+        # Without the trigger firing for every session, other processes' inserts go unnoticed.
+        if not self._cache._has_notify_trigger(notify_function_name(self._cache.table)):
+            raise _TurnOff("the table has no insert-notification trigger, or it is disabled; upgrade it with "
+                           f"`fastpgcache-admin` or ALTER TABLE ... ENABLE ALWAYS TRIGGER "
+                           f"{notify_function_name(self._cache.table)}")
+
     def _serve(self, listener: _Listener) -> None:
-        quiet_since = time.monotonic()
+        next_beat = time.monotonic() + self.heartbeat
         while not self._stopping.is_set():
-            if self._receive(listener, WAKE_SECONDS):
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > HEARTBEAT_SECONDS:
-                listener.listen(self.channel)
-                quiet_since = time.monotonic()
+            self._receive(listener, WAKE_SECONDS)
+            if time.monotonic() >= next_beat:
+                self._heartbeat(listener)
+                next_beat = time.monotonic() + self.heartbeat
             if self._reset_requested:
                 self._warm(listener, keep_answering=False)
             elif self._active is not None and len(self._active) > self._active.capacity:
                 self._warm(listener, keep_answering=True)
+
+    def _heartbeat(self, listener: _Listener) -> None:
+        """Re-LISTEN, so a dead connection shows, and check that the trigger still fires.
+
+        The check waits for a pooled connection, and notifications are not read
+        meanwhile: the filter answers nothing until they have been taken.
+        """
+        listener.listen(self.channel)
+        with self._lock:
+            answering, self._active = self._active, None
+        self._check_trigger()
+        self._receive(listener, 0)
+        with self._lock:
+            if self._targets:  # not untrusted (reset, stop) meanwhile
+                self._active = answering
 
     def _receive(self, listener: _Listener, timeout: float) -> int:
         """Add the keys of arrived notifications to every filter; returns how many messages came."""
@@ -288,10 +317,14 @@ class NegativeLookupGuard:
             else:
                 tokens.extend(payload.split())
         if tokens:
-            with self._lock:
-                for bloom in self._targets:
-                    bloom.update(tokens)
+            self._add(tokens)
         return len(payloads)
+
+    def _add(self, tokens: list[str]) -> None:
+        """Put tokens in every filter that must hold them: the answering one and one being filled."""
+        with self._lock:
+            for bloom in self._targets:
+                bloom.update(tokens)
 
     def _warm(self, listener: _Listener, keep_answering: bool) -> None:
         """Fill a new filter from the table, then let it answer.
@@ -347,6 +380,15 @@ class NegativeLookupGuard:
         self._untrust()
         self.state = f"off: {reason}"
         log.warning("negative-lookup guard on %s is off: %s; every lookup goes to the database", self.where, reason)
+
+
+def _psycopg3_too_old() -> str | None:
+    # The installed psycopg 3 version when it is below PSYCOPG3_FLOOR, else None.
+    import psycopg
+
+    if tuple(int(part) for part in re.findall(r"\d+", psycopg.__version__)[:2]) < PSYCOPG3_FLOOR:
+        return psycopg.__version__
+    return None
 
 
 def _summary(error: Exception) -> str:

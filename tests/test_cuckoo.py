@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpgcache import CuckooFilter
+from fastpgcache.cuckoo import _HEADER
 
 
 def fill(f: CuckooFilter, load: float, prefix: str = "key") -> list[str]:
@@ -122,6 +123,47 @@ def test_loading_garbage_says_what_was_expected():
         CuckooFilter.from_bytes(b"hello")
     with pytest.raises(ValueError, match="truncated or corrupt"):
         CuckooFilter.from_bytes(CuckooFilter(100).to_bytes()[:-1])
+
+
+def saved_with(**fields) -> bytes:
+    """A saved 16-slot filter whose header has `fields` changed."""
+    header = dict(zip(("magic", "version", "bucket_size", "bits", "kicks", "buckets", "size"),
+                      _HEADER.unpack_from(CuckooFilter(16).to_bytes())))
+    header.update(fields)
+    slots = header["buckets"] * header["bucket_size"] * (4 if header["bits"] > 16 else 2)
+    return _HEADER.pack(*header.values()) + bytes(max(slots, 0))
+
+
+@pytest.mark.parametrize("fields, problem", [
+    ({"bits": 0}, "fingerprint_size 0 is not from 4 to 32"),
+    ({"bits": 3}, "fingerprint_size 3 is not from 4 to 32"),
+    ({"bits": 40}, "fingerprint_size 40 is not from 4 to 32"),
+    ({"bucket_size": 0, "buckets": 4}, "bucket_size 0 is not from 1 to 64"),
+    ({"kicks": 0}, "max_displacements 0 is not from 1 to"),
+    ({"buckets": 0}, "num_buckets 0 is not a power of two"),
+    ({"buckets": 3}, "num_buckets 3 is not a power of two"),
+    ({"size": 17}, "size 17 is more than its 16 slots"),
+])
+def test_loading_a_bad_header_says_which_field_is_wrong(fields, problem):
+    with pytest.raises(ValueError, match=f"saved CuckooFilter has a bad header: {problem}"):
+        CuckooFilter.from_bytes(saved_with(**fields))
+
+
+def test_loading_a_filter_saved_with_the_old_item_encoding_is_refused():
+    with pytest.raises(ValueError, match="format version 1"):
+        CuckooFilter.from_bytes(saved_with(version=1))
+
+
+def test_items_of_different_types_are_different_items():
+    # Before type tags, 123 was stored as the bytes b"\xff123" and "abc" as b"abc".
+    f = CuckooFilter(1 << 16, fingerprint_size=32)
+    f.insert(123)
+    f.insert("abc")
+    assert 123 in f and "abc" in f
+    assert b"\xff123" not in f and b"abc" not in f and "123" not in f
+    assert f.delete(b"\xff123") is False and f.delete(b"abc") is False and len(f) == 2
+    restored = CuckooFilter.from_bytes(f.to_bytes())
+    assert 123 in restored and "abc" in restored and b"\xff123" not in restored
 
 
 @pytest.mark.parametrize("kwargs", [{"capacity": 0}, {"capacity": "10"}, {"capacity": 10, "bucket_size": 0},

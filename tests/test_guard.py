@@ -11,7 +11,7 @@ import tempfile
 import time
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from fastpgcache import Cache, FastPgCache
@@ -160,18 +160,147 @@ def test_without_pybloomfiltermmap3_the_guard_turns_off(engine, schema, writer, 
     assert cache.get("present") == 1
 
 
+def listeners(engine, channel: str) -> int:
+    """Backends parked on the guard's LISTEN (the listener connection runs nothing else)."""
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE query = :q"),
+                                  {"q": listen_sql(channel)}).scalar()
+
+
 def test_a_dropped_listener_stops_answering_until_it_has_re_warmed(engine, guarded, writer):
-    channel = guarded.guard.channel
+    guard = guarded.guard
     with engine.begin() as connection:
         killed = connection.execute(text(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = :q"),
-            {"q": listen_sql(channel)}).scalar()
+            {"q": listen_sql(guard.channel)}).scalar()
     assert killed == 1
-    eventually(lambda: guarded.guard.state != "trusted", timeout=2)
-    writer.set("while-away", 1)  # may land before the new LISTEN: the re-warm must find it
-    assert guarded.get("while-away") == 1
-    assert guarded.guard.wait_until_trusted(10)
-    assert guarded.get("while-away") == 1
+    eventually(lambda: guard.state != "trusted", timeout=2)
+    writer.set("while-away", 1)
+    # Nobody listens now (the reconnect waits 0.5 s), so no notification of this key
+    # will ever arrive: only the re-warm can put it in the filter.
+    assert listeners(engine, guard.channel) == 0
+    assert not guard.definitely_absent("while-away") and not guard.definitely_absent("never-written")
+    skips = guarded.stats()["guard_skips"]
+    assert guarded.get("while-away") == 1 and guarded.get("never-written") is None
+    assert guarded.stats()["guard_skips"] == skips  # untrusted: both went to the database
+    assert guard.wait_until_trusted(10)
+    assert listeners(engine, guard.channel) == 1
+    assert not guard.definitely_absent("while-away") and guarded.get("while-away") == 1
+    assert guard.definitely_absent("never-written") or guard.definitely_absent("never-written-2")
+
+
+def test_a_guard_on_a_cache_with_an_explicit_user_id_sees_that_user_s_keys(engine, schema):
+    alice_writer = Cache(engine, schema=schema, user_id="alice")
+    bob_writer = Cache(engine, schema=schema, user_id="bob")
+    alice_writer.set("before", 1)
+    alice = Cache(engine, schema=schema, user_id="alice")
+    guard = start_guard(alice)
+    assert guard.wait_until_trusted(10)
+    try:
+        assert not guard.definitely_absent("before") and alice.get("before") == 1
+        alice_writer.set("after", 2)
+        bob_writer.set("bob-only", 3)
+        assert eventually(lambda: alice.get("after"), timeout=2) == 2
+        alice.set("own", 4)
+        assert alice.get("own") == 4
+        # bob's key hashes with bob's name: alice's guard may say absent, and alice must not see it anyway
+        assert alice.get("bob-only") is None and bob_writer.get("bob-only") == 3
+        assert guard.state == "trusted" and guard.definitely_absent("nobody") | guard.definitely_absent("nobody-2")
+    finally:
+        guard.stop()
+
+
+def test_no_false_absent_while_the_filter_is_rebuilt_for_size(engine, schema, writer):
+    cache = Cache(engine, schema=schema)
+    guard = start_guard(cache, capacity=50)
+    assert guard.wait_until_trusted(10)
+    try:
+        own, theirs = [], []
+        for batch in range(60):
+            keys = [f"own:{batch}:{i}" for i in range(10)]
+            cache.set_many(dict.fromkeys(keys, batch))
+            own += keys
+            # this process's writes are in every filter, old and new, before set_many returns
+            assert len(cache.get_many(own)) == len(own), f"false absent in batch {batch} ({guard.state})"
+            writer.set(f"theirs:{batch}", batch)
+            theirs.append(f"theirs:{batch}")
+        assert guard.stats()["filter_capacity"] >= 600  # rebuilt several times meanwhile
+        assert eventually(lambda: guard.state == "trusted" and len(cache.get_many(theirs)) == len(theirs))
+        assert all(not guard.definitely_absent(key) for key in own + theirs)
+    finally:
+        guard.stop()
+
+
+@pytest.fixture
+def replica_writer(pg_url, schema):
+    """A client whose sessions run with session_replication_role = replica (bulk loads, logical replication)."""
+    engine = create_engine(pg_url, connect_args={"options": "-c session_replication_role=replica"})
+    yield Cache(engine, schema=schema)
+    engine.dispose()
+
+
+def test_a_writer_in_replica_mode_still_notifies_the_guard(guarded, replica_writer):
+    with replica_writer.bind.connect() as connection:
+        assert connection.execute(text("SHOW session_replication_role")).scalar() == "replica"
+    assert guarded.get("replicated") is None
+    replica_writer.set("replicated", "applied")
+    assert eventually(lambda: guarded.get("replicated"), timeout=2) == "applied"
+    assert guarded.guard.state == "trusted"
+
+
+@pytest.mark.parametrize("change", ["ALTER TABLE {table} DISABLE TRIGGER cache_notify_insert",
+                                    "DROP TRIGGER cache_notify_insert ON {table}"])
+def test_a_disabled_or_dropped_trigger_turns_the_guard_off_within_a_heartbeat(
+        engine, schema, writer, caplog, change):
+    cache = Cache(engine, schema=schema)
+    cache.guard = NegativeLookupGuard(cache, 1000, heartbeat=0.2).start()
+    assert cache.guard.wait_until_trusted(10)
+    with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
+        with engine.begin() as connection:
+            connection.execute(text(change.format(table=f'"{schema}".cache')))
+        eventually(lambda: cache.guard.state.startswith("off"), timeout=2)
+        writer.set("unannounced", 1)
+        assert cache.get("unannounced") == 1 and not cache.guard.definitely_absent("unannounced")
+    assert "insert-notification trigger" in cache.guard.state
+    assert len([r for r in caplog.records if "negative-lookup guard" in r.getMessage()]) == 1
+    cache.guard.stop()
+
+
+def test_the_heartbeat_must_be_a_positive_number(engine, schema):
+    with pytest.raises(ValueError, match="heartbeat must be a positive number of seconds"):
+        NegativeLookupGuard(Cache(engine, schema=schema), heartbeat=0)
+
+
+def test_an_old_psycopg_3_turns_the_guard_off(pg_url, schema, writer, monkeypatch, caplog):
+    import psycopg
+
+    monkeypatch.setattr(psycopg, "__version__", "3.2.9")
+    engine = create_engine(make_url(pg_url).set(drivername="postgresql+psycopg"))
+    writer.set("present", 1)
+    cache = Cache(engine, schema=schema)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
+            guard = start_guard(cache)
+            assert guard.wait_until_trusted(5) is False
+        assert "psycopg 3.2.9" in guard.state and "psycopg[binary]>=3.3" in guard.state
+        assert len(caplog.records) == 1
+        assert cache.get("present") == 1 and cache.stats()["guard_skips"] == 0
+    finally:
+        guard.stop()
+        engine.dispose()
+
+
+def test_a_current_psycopg_3_guard_learns_other_connections_inserts(pg_url, schema, writer):
+    engine = create_engine(make_url(pg_url).set(drivername="postgresql+psycopg"))
+    cache = Cache(engine, schema=schema)
+    try:
+        assert start_guard(cache).wait_until_trusted(10)
+        assert cache.get("via-psycopg3") is None
+        writer.set("via-psycopg3", 1)
+        assert eventually(lambda: cache.get("via-psycopg3"), timeout=2) == 1
+    finally:
+        cache.guard.stop()
+        engine.dispose()
 
 
 def test_close_stops_the_listener_thread(pg_url, schema):

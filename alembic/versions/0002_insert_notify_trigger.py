@@ -7,6 +7,9 @@ limit. Any role may LISTEN on any channel, so neither keys nor user names are
 ever sent in clear. A statement inserting more keys than a few dozen messages
 hold sends "reset" instead, and every guard re-reads the table.
 
+The trigger is ENABLE ALWAYS, so it fires in replica-mode sessions too; each
+guard re-checks at its heartbeat that it is still there and enabled.
+
 Upserts that update an existing row fire no INSERT trigger: the guard's
 warm-up reads expired rows too, so such keys are already in its filter.
 
@@ -69,6 +72,9 @@ END
 $body$""")
     op.execute(f"CREATE TRIGGER {trigger} AFTER INSERT ON {table} REFERENCING NEW TABLE AS inserted"
                f" FOR EACH STATEMENT EXECUTE FUNCTION {function}()")
+    # ALWAYS: fire in sessions with session_replication_role = replica too (bulk loads,
+    # logical replication apply), whose inserts the guards would otherwise never hear of.
+    op.execute(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}")
 
 
 def downgrade() -> None:
