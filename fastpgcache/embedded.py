@@ -31,6 +31,12 @@ log = logging.getLogger(__name__)
 SERVICE_USER = "fastpgcache"
 """OS account the server runs as when we are root (PostgreSQL refuses to run as root)."""
 
+PG_CTL_WAIT = 60
+"""Seconds `pg_ctl -w` waits for the server to start or stop by default."""
+
+_SUBPROCESS_GRACE = 30
+"""Extra seconds our subprocess timeout allows beyond pg_ctl's own `-t`, so pg_ctl reports a failure itself."""
+
 
 def _bin_dir() -> Path:
     # find_spec, not import: the package's own server layer has import-time side effects we do not use.
@@ -77,10 +83,16 @@ class EmbeddedPostgres:
 
     `password` turns on scram-sha-256 authentication for TCP connections with
     that superuser password (trust otherwise). Nothing is started until `start()`.
+    `stop_timeout` is how long `pg_ctl` waits for the server to stop.
+
+    When a persistent `data_dir` already has a running server (another process
+    started it), `start()` reuses it, and leaving the `with` block or the process
+    exiting leaves it running: only a server this object started is stopped
+    automatically. An explicit `stop()` stops the server whoever started it.
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, port: int | None = None,
-                 password: str | None = None, user: str = "postgres"):
+                 password: str | None = None, user: str = "postgres", stop_timeout: int = PG_CTL_WAIT):
         self._throwaway = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="fastpgcache-pg-")) if data_dir is None \
             else Path(data_dir).expanduser().resolve()
@@ -88,6 +100,9 @@ class EmbeddedPostgres:
         self.user = user
         self._password = password
         self._account = None
+        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
+            raise ValueError(f"stop_timeout must be a whole number of seconds >= 1, got {stop_timeout!r}")
+        self.stop_timeout = stop_timeout
         self._started_here = False
 
     def __repr__(self) -> str:
@@ -100,7 +115,8 @@ class EmbeddedPostgres:
         return URL.create("postgresql+psycopg2", username=self.user, host="127.0.0.1", port=self.port,
                           database="postgres").render_as_string(hide_password=False)
 
-    def _run(self, tool: str, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def _run(self, tool: str, *args: str, check: bool = True,
+             timeout: float = PG_CTL_WAIT + _SUBPROCESS_GRACE) -> subprocess.CompletedProcess:
         uid_gid = self._account
         return subprocess.run(
             [str(_bin_dir() / tool), *args], check=check, capture_output=True, text=True, timeout=timeout,
@@ -163,27 +179,56 @@ class EmbeddedPostgres:
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' "
                    "-c fsync=off -c max_connections=200")
         result = self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
-                           "-o", options, "-w", "-t", "60", "start", check=False, timeout=90)
+                           "-o", options, "-w", "-t", str(PG_CTL_WAIT), "start", check=False)
         if result.returncode != 0:
             log_tail = (self.data_dir / "server.log").read_text()[-1500:] if (self.data_dir / "server.log").exists() else ""
             raise RuntimeError(f"embedded PostgreSQL did not start: {result.stderr.strip()}\n{log_tail}")
         self._started_here = True
-        atexit.register(self.stop)
+        atexit.unregister(self._stop_if_ours)  # once, however often restarted
+        atexit.register(self._stop_if_ours)
         return self
 
     def stop(self, mode: str = "fast") -> None:
-        """Stop the server (`mode`: smart, fast or immediate, as pg_ctl); a throwaway dir is removed."""
-        if self.is_running():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop", check=False)
-        if self._throwaway and self.data_dir.exists() and mode != "immediate":
+        """Stop the server (`mode`: smart, fast or immediate, as pg_ctl); a throwaway dir is removed.
+
+        Raises RuntimeError, and removes nothing, when the server does not stop in
+        `stop_timeout` seconds (e.g. `smart` with a client still connected).
+        `immediate` simulates a crash: a throwaway dir is kept for the next `start()`
+        and removed at exit::
+
+            pg.stop(mode="immediate")
+        """
+        self._stop_server(mode)
+        if self._throwaway and mode == "immediate":
+            return
+        if self._throwaway:
             shutil.rmtree(self.data_dir, ignore_errors=True)
-            atexit.unregister(self.stop)
+        atexit.unregister(self._stop_if_ours)
 
     def restart(self, mode: str = "fast") -> None:
-        """Stop (`immediate` simulates a crash) and start again on the same port."""
-        if self.is_running():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop", check=False)
+        """Stop (`immediate` simulates a crash) and start again on the same port, keeping the data."""
+        self._stop_server(mode)
         self.start()
+
+    def _stop_server(self, mode: str) -> None:
+        """`pg_ctl stop`, the one place the server is stopped; raises when it did not stop."""
+        if not self.is_running():
+            return
+        result = self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", str(self.stop_timeout),
+                           "stop", check=False, timeout=self.stop_timeout + _SUBPROCESS_GRACE)
+        if result.returncode != 0:
+            raise RuntimeError(f"embedded PostgreSQL in {self.data_dir} did not stop ({mode}) within "
+                               f"{self.stop_timeout} s: {result.stderr.strip()[-500:]}")
+        self._started_here = False
+
+    def _stop_if_ours(self) -> None:
+        """At exit and on leaving `with`: stop only a server this object started (a throwaway dir is always ours)."""
+        if not (self._started_here or self._throwaway):
+            return
+        try:
+            self.stop()
+        except RuntimeError as error:
+            log.warning("%s", error)
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Block until the server accepts TCP connections."""
@@ -200,7 +245,7 @@ class EmbeddedPostgres:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self._stop_if_ours()
 
 
 def default_url(data_dir: str | os.PathLike | None = None) -> str:
