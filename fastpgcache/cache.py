@@ -249,10 +249,11 @@ def _statements(table_name: str, user_id: str | None) -> _Statements:
 
 # The guard's listener runs these; LISTEN takes an identifier, so it cannot be a bound parameter.
 _NOTIFY = select(func.pg_notify(bindparam("channel", type_=Text), bindparam("payload", type_=Text)))
+# 'A' (ENABLE ALWAYS, as migration 0002 sets it): a trigger that skips replica-mode writers could hide their keys.
 _HAS_TRIGGER = text(
     "SELECT EXISTS (SELECT 1 FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid"
     " JOIN pg_namespace n ON n.oid = c.relnamespace"
-    " WHERE n.nspname = :schema AND c.relname = :table AND g.tgname = :trigger AND g.tgenabled <> 'D')")
+    " WHERE n.nspname = :schema AND c.relname = :table AND g.tgname = :trigger AND g.tgenabled = 'A')")
 
 
 def listen_sql(channel: str) -> str:
