@@ -151,11 +151,7 @@ class DatabricksTokenProvider:
         attempt, credential = self._attempts, self._credential
         if rejected is not None and credential.token != rejected:
             return credential.token
-        renewed = self._renew(attempt, wait=True)
-        failure = self._failure
-        if failure is not None:
-            raise DatabricksTokenError(str(failure)) from failure.__cause__
-        return renewed.token
+        return self._renew(attempt, wait=True, strict=True).token
 
     def stop(self) -> None:
         """Stop the background renewal; calling it twice is harmless, the last token stays readable."""
@@ -172,13 +168,20 @@ class DatabricksTokenProvider:
 
     # -- renewal -------------------------------------------------------------------------
 
-    def _renew(self, seen_attempt: int, *, wait: bool) -> Credential:
-        """Renew unless another thread tried since `seen_attempt`; returns the newest usable credential."""
+    def _renew(self, seen_attempt: int, *, wait: bool, strict: bool = False) -> Credential:
+        """Renew unless another thread tried since `seen_attempt`; returns the newest usable credential.
+
+        `strict` raises when that attempt failed, judged under the lock: once it is
+        released, a later attempt by another thread may overwrite the outcome.
+        """
         if not self._lock.acquire(blocking=wait):
             return self._credential
         try:
             if self._attempts == seen_attempt:
                 self._attempt()
+            failure = self._failure
+            if strict and failure is not None:
+                raise DatabricksTokenError(str(failure)) from failure.__cause__
             return self._usable()
         finally:
             self._lock.release()

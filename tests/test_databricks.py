@@ -6,6 +6,7 @@ surface only, returning the SDK's own credential types) hands it out.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import secrets
@@ -292,6 +293,47 @@ def test_twenty_threads_cause_exactly_one_credential_request(past_expiry):
         assert set(tokens) == {"token-2"}  # nobody may use an expired token
     else:
         assert "token-2" in tokens and set(tokens) <= {"token-1", "token-2"}
+    assert provider.get_token() == "token-2"
+
+
+class LockThatLetsAnotherThreadIn:
+    """The provider's lock; the first time it is released, another thread runs `between` before the holder goes on.
+
+    That is the worst moment for the thread that just renewed: it has its token but
+    has not returned yet. Deterministic, where sleeping and hoping would not be.
+    """
+
+    def __init__(self, between):
+        self._lock = threading.Lock()
+        self._between = between
+        self.interleaved = False
+
+    def acquire(self, blocking=True):
+        return self._lock.acquire(blocking)
+
+    def release(self):
+        self._lock.release()
+        if not self.interleaved:
+            self.interleaved = True
+            other = threading.Thread(target=self._between, daemon=True)
+            other.start()
+            other.join(timeout=5)
+
+
+def test_refresh_token_that_got_a_token_returns_it_though_a_later_renewal_failed():
+    clock = FakeClock()
+    workspace = FakeWorkspace("token-1", clock=clock)
+    provider = provider_for(workspace, clock=clock)
+    workspace.token = "token-2"
+
+    def background_renewal_fails():
+        workspace.failure = RuntimeError("Databricks is down")
+        with contextlib.suppress(DatabricksTokenError):
+            provider._renew(provider._attempts, wait=True)
+
+    provider._lock = LockThatLetsAnotherThreadIn(background_renewal_fails)
+    assert provider.refresh_token() == "token-2"
+    assert provider._lock.interleaved and len(workspace.calls) == 3  # the failing renewal really ran in between
     assert provider.get_token() == "token-2"
 
 
