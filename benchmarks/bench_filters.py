@@ -24,7 +24,7 @@ import psycopg2
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from fastpgcache import Cache, CuckooFilter, FastPgCache, setup_cache
+from fastpgcache import CuckooFilter, FastPgCache, setup_cache
 from fastpgcache.bench import capture_sql, pin_to_cpu
 from fastpgcache.embedded import default_url
 

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
 import uuid
 
 import pytest
@@ -81,3 +86,54 @@ def make_role(engine, pg_url):
         for name in created:
             connection.execute(text(f'DROP OWNED BY "{name}" CASCADE'))
             connection.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def start_pgbouncer(pg_url):
+    """Start pgbouncers in transaction mode in front of the server under test; each call returns its URL.
+
+    `ignore` is pgbouncer's ignore_startup_parameters: by default it drops the libpq
+    `options` FastPgCache sends for its timeouts (pgbouncer's own default refuses them).
+    """
+    binary = shutil.which("pgbouncer") or next(
+        (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(path)), None)
+    if binary is None:
+        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
+    started = []
+
+    def start(ignore: str = "extra_float_digits,options"):
+        server, port = make_url(pg_url), _free_port()
+        workdir = tempfile.mkdtemp(prefix="fastpgcache-pgbouncer-")
+        os.chmod(workdir, 0o777)  # pgbouncer refuses to run as root, so it may run as nobody
+        with open(os.path.join(workdir, "userlist.txt"), "w") as handle:
+            handle.write(f'"{server.username}" ""\n')
+        with open(os.path.join(workdir, "pgbouncer.ini"), "w") as handle:
+            handle.write(f"[databases]\n* = host={server.host} port={server.port}\n[pgbouncer]\n"
+                         f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\nauth_type = trust\n"
+                         f"auth_file = {workdir}/userlist.txt\npool_mode = transaction\n"
+                         f"ignore_startup_parameters = {ignore}\ndefault_pool_size = 4\n"
+                         f"logfile = {workdir}/pgbouncer.log\n")
+        for name in ("userlist.txt", "pgbouncer.ini"):
+            os.chmod(os.path.join(workdir, name), 0o644)
+        switch_user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        process = subprocess.Popen([binary, *switch_user, os.path.join(workdir, "pgbouncer.ini")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append((process, workdir))
+        deadline = time.monotonic() + 10
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert process.poll() is None, "pgbouncer exited: " + open(f"{workdir}/pgbouncer.log").read()[-500:]
+            assert time.monotonic() < deadline, "pgbouncer did not start listening"
+            time.sleep(0.05)
+        return server.set(drivername="postgresql+psycopg2", host="127.0.0.1", port=port)
+
+    yield start
+    for process, workdir in started:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -157,3 +157,12 @@ def test_prepared_statement_errors_point_at_the_pooler_setting(engine, statement
         with pytest.raises(sa_exc.DBAPIError) as raised:
             connection.exec_driver_sql(statement)
     assert "prepare_threshold=None" in str(translate(raised.value, "public.cache"))
+
+
+def test_behind_a_default_pgbouncer_the_error_names_the_timeout_options(start_pgbouncer, schema):
+    refusing = start_pgbouncer(ignore="extra_float_digits")  # pgbouncer's default: libpq options refused
+    with pytest.raises(CacheConnectionError, match="statement_timeout=None, lock_timeout=None"):
+        FastPgCache(url=refusing, schema=schema)
+    with FastPgCache(url=refusing, schema=schema, statement_timeout=None, lock_timeout=None,
+                     use_cuckoo_filter=False, prepare_threshold=None) as cache:
+        assert cache.set("k", "v") and cache.get("k") == "v"

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -377,55 +374,9 @@ def test_a_restarted_process_sees_keys_written_before_it_started(pg_url, schema)
 
 # -- behind a transaction-mode pooler -----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def pgbouncer(pg_url):
-    """A pgbouncer in transaction mode in front of the server under test; yields its URL."""
-    binary = shutil.which("pgbouncer") or next(
-        (path for path in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.path.exists(path)), None)
-    if binary is None:
-        pytest.skip("pgbouncer is not installed (apt-get install pgbouncer; .ci/run installs it)")
-    server = make_url(pg_url)
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="fastpgcache-pgbouncer-")
-    os.chmod(workdir, 0o777)  # pgbouncer refuses to run as root, so it may run as nobody
-    with open(os.path.join(workdir, "userlist.txt"), "w") as handle:
-        handle.write(f'"{server.username}" ""\n')
-    with open(os.path.join(workdir, "pgbouncer.ini"), "w") as handle:
-        handle.write(f"""[databases]
-* = host={server.host} port={server.port}
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = {port}
-unix_socket_dir =
-auth_type = trust
-auth_file = {workdir}/userlist.txt
-pool_mode = transaction
-ignore_startup_parameters = extra_float_digits,options
-default_pool_size = 4
-logfile = {workdir}/pgbouncer.log
-""")
-    for name in ("userlist.txt", "pgbouncer.ini"):
-        os.chmod(os.path.join(workdir, name), 0o644)
-    switch_user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    process = subprocess.Popen([binary, *switch_user, os.path.join(workdir, "pgbouncer.ini")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert process.poll() is None, "pgbouncer exited: " + open(f"{workdir}/pgbouncer.log").read()[-500:]
-            assert time.monotonic() < deadline, "pgbouncer did not start listening"
-            time.sleep(0.05)
-        yield server.set(drivername="postgresql+psycopg2", host="127.0.0.1", port=port)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+def pgbouncer(start_pgbouncer):
+    return start_pgbouncer()
 
 
 def test_behind_pgbouncer_in_transaction_mode_the_guard_turns_off_and_reads_stay_right(

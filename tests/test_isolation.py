@@ -1,5 +1,6 @@
 """Per-role isolation enforced by PostgreSQL row-level security, with real roles."""
 import logging
+import time
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -38,7 +39,7 @@ def test_same_key_different_users(users, schema, engine):
 
 
 def test_raw_sql_cannot_cross_users(users, schema):
-    (alice, a_engine), (bob, b_engine) = users["alice"], users["bob"]
+    (alice, a_engine), (_, b_engine) = users["alice"], users["bob"]
     Cache(a_engine, schema=schema).set("secret", "alice's")
     table = f'"{schema}".cache'
     with b_engine.connect() as connection:
@@ -72,11 +73,9 @@ def test_explicit_foreign_user_id_gets_clear_permission_error(users, schema):
 
 
 def test_owner_cleanup_all_users_but_role_cleanup_only_its_own(users, schema, engine):
-    (alice, a_engine), (bob, b_engine) = users["alice"], users["bob"]
+    (_, a_engine), (_, b_engine) = users["alice"], users["bob"]
     for role_engine in (a_engine, b_engine):
         Cache(role_engine, schema=schema).set_many({"x": 1, "y": 2}, ttl=0.1)
-    import time
-
     time.sleep(0.2)
     assert Cache(b_engine, schema=schema).cleanup(all_users=True) == 2  # RLS limits bob to his rows
     assert Cache(engine, schema=schema).cleanup(all_users=True) == 2  # the owner takes alice's
@@ -106,7 +105,7 @@ HOSTILE = ["'; DROP TABLE cache; --", "\\", "\\\\'", "%", "_", "*", "[", "[a-", 
 
 
 def test_hostile_keys_and_patterns_do_not_cross_or_inject(users, schema):
-    (alice, a_engine), (bob, b_engine) = users["alice"], users["bob"]
+    (_, a_engine), (_, b_engine) = users["alice"], users["bob"]
     a, b = Cache(a_engine, schema=schema), Cache(b_engine, schema=schema)
     a.set_many({key: f"alice:{key}" for key in HOSTILE})
     for key in HOSTILE:
