@@ -43,6 +43,29 @@ def test_every_public_method_is_awaitable_or_a_decorator():
         assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name
 
 
+def test_every_public_method_takes_the_sync_arguments():
+    public = {name for name in dir(Cache) if not name.startswith("_") and callable(getattr(Cache, name))}
+    def arguments(function):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+    for name in public:
+        assert arguments(getattr(AsyncCache, name)) == arguments(getattr(Cache, name)), name
+
+
+@pytest.mark.asyncio
+async def test_get_or_set_computes_once_under_a_stampede(acache):
+    calls = []
+
+    async def slow():
+        calls.append(1)
+        await asyncio.sleep(0.2)
+        return {"computed": len(calls)}
+
+    results = await asyncio.gather(*(acache.get_or_set("hot", slow, ttl=60) for _ in range(8)))
+    assert calls == [1]
+    assert results == [{"computed": 1}] * 8
+
+
 def test_rejects_a_sync_bind(engine):
     with pytest.raises(TypeError, match="AsyncEngine, not Engine"):
         AsyncCache(engine)
