@@ -135,10 +135,11 @@ def test_a_stopped_server_gives_a_clear_error_or_a_failsafe_miss(server, own_sch
 # -- on the server under test -------------------------------------------------------
 
 
-def _backend_waiting_on_a_lock(engine, schema, seconds=15.0) -> int:
+def _backend_waiting_on_a_lock(engine, schema, outcome, seconds=15.0) -> int:
     # The pid of this test's cache statement (its SQL names the test's own schema) once it waits on the lock.
     deadline = time.monotonic() + seconds
-    with engine.connect() as connection:
+    # AUTOCOMMIT: pg_stat_activity is a snapshot taken once per transaction; each poll needs a fresh one.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         while time.monotonic() < deadline:
             pid = connection.execute(text(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
@@ -146,7 +147,7 @@ def _backend_waiting_on_a_lock(engine, schema, seconds=15.0) -> int:
             if pid:
                 return pid
             time.sleep(0.02)
-    raise AssertionError("the cache's statement never waited on the lock")
+    raise AssertionError(f"the cache's statement never waited on the lock; the call gave {outcome}")
 
 
 def _in_thread(call):
@@ -170,8 +171,9 @@ def test_a_set_many_killed_midway_raises_clearly_and_writes_nothing(pg_url, engi
                      use_cuckoo_filter=False) as cache, \
             Session(engine) as blocker:
         Cache(blocker, schema=schema).set("k0500", "held by another transaction")  # not committed
+        assert cache.get("k0500") is None, "the blocking row must still be uncommitted"
         thread, outcome = _in_thread(lambda: cache.set_many(batch))
-        victim = _backend_waiting_on_a_lock(engine, schema)  # rows k0000..k0499 are written, k0500 waits
+        victim = _backend_waiting_on_a_lock(engine, schema, outcome)  # rows k0000..k0499 are written, k0500 waits
         with engine.connect() as admin:
             assert admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": victim}).scalar() is True
         thread.join(10)
@@ -189,7 +191,7 @@ def test_a_killed_incr_is_not_run_twice(pg_url, engine, schema):
         cache.set("n", 10)
         Cache(blocker, schema=schema).incr("n", 100)  # holds the row, not committed
         thread, outcome = _in_thread(lambda: cache.incr("n"))
-        victim = _backend_waiting_on_a_lock(engine, schema)
+        victim = _backend_waiting_on_a_lock(engine, schema, outcome)
         with engine.connect() as admin:
             admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": victim})
         thread.join(10)
