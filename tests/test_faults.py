@@ -48,23 +48,14 @@ def test_every_call_after_a_restart_succeeds(server, own_schema):
         assert cache.set("k2", 2) is True
         assert cache.incr("n") == 2  # not retried: the dead connection was dropped before it was sent
         server.restart(mode="fast")
-        errors = []
 
         def busy(i):
-            try:
-                for j in range(5):
-                    cache.set(f"t{i}:{j}", j)
-                    assert cache.get(f"t{i}:{j}") == j
-                    cache.incr("shared")
-            except Exception as error:  # collected, so the assertion below names it
-                errors.append(error)
+            for j in range(5):
+                cache.set(f"t{i}:{j}", j)
+                assert cache.get(f"t{i}:{j}") == j
+                cache.incr("shared")
 
-        workers = [threading.Thread(target=busy, args=(i,)) for i in range(8)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(30)
-        assert errors == []
+        assert _in_threads(busy, 8, timeout=30) == []
         assert cache.get("shared") == 40
 
 
@@ -150,6 +141,25 @@ def _backend_waiting_on_a_lock(engine, schema, outcome, seconds=15.0) -> int:
     raise AssertionError(f"the cache's statement never waited on the lock; the call gave {outcome}")
 
 
+def _in_threads(work, count: int, timeout: float) -> list:
+    # Run work(0..count-1) in threads; returns the errors they raised, or a hang as an error of its own.
+    errors = []
+
+    def run(index):
+        try:
+            work(index)
+        except Exception as error:  # collected, so the caller's assertion names it
+            errors.append(error)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout)
+    hung = [worker.name for worker in workers if worker.is_alive()]
+    return errors + ([TimeoutError(f"threads still running after {timeout} s: {hung}")] if hung else [])
+
+
 def _in_thread(call):
     # Run `call` in a thread; returns (thread, outcome) where outcome fills with its result or error.
     outcome = {}
@@ -216,25 +226,15 @@ def test_an_exhausted_pool_makes_callers_wait_then_fail_clearly(pg_url, schema):
 
 
 def test_more_threads_than_connections_all_finish(pg_url, schema):
-    errors = []
     with FastPgCache(url=pg_url, schema=schema, minconn=1, maxconn=2, pool_timeout=20,
                      use_cuckoo_filter=False) as cache:
         def work(i):
-            try:
-                for j in range(10):
-                    cache.set(f"{i}:{j}", j)
-                    cache.get_or_set(f"shared:{j}", lambda: j)
-                    cache.incr("total")
-            except Exception as error:
-                errors.append(error)
+            for j in range(10):
+                cache.set(f"{i}:{j}", j)
+                cache.get_or_set(f"shared:{j}", lambda: j)
+                cache.incr("total")
 
-        workers = [threading.Thread(target=work, args=(i,)) for i in range(12)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(60)
-        assert not any(worker.is_alive() for worker in workers)
-        assert errors == []
+        assert _in_threads(work, 12, timeout=60) == []
         assert cache.get("total") == 120
 
 
