@@ -15,8 +15,8 @@ try:
 except ImportError as missing:  # greenlet is not installed
     raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
 
-from .cache import _MISSING, Cache, _call_key, _check_wait, _negate, _pattern, _positive, normalize_ttl
-from .errors import pool_timeout_error, raise_translated
+from .cache import _MISSING, Cache, _call_key, _check_wait, _negate, _pattern, normalize_ttl
+from .errors import check_positive_int, pool_timeout_error, raise_translated
 from .failsafe import DATABASE_ERRORS
 
 
@@ -122,7 +122,7 @@ class AsyncCache(Cache):
                 ...
         """
         regex, after = _pattern(pattern), ""
-        _positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         while True:
             batch = await self._scan_batch(regex, after, batch_size)
             for key in batch:

@@ -35,7 +35,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session
 
 from . import codec
-from .errors import CacheTimeoutError, pool_timeout_error, raise_translated, sqlstate, translate
+from .errors import (CacheTimeoutError, check_positive_int, pool_timeout_error, raise_translated, sqlstate,
+                     translate)
 from .expiry import NOTHING_DUE, ExpiryOnWrite
 from .failsafe import DATABASE_ERRORS, Failsafe
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE, cache_table
@@ -321,8 +322,8 @@ class Cache:
         cache.get("user:1")          # {'name': 'Alice'}
         cache.ttl("user:1")          # 3600
 
-    `failsafe=True` turns database errors into cache misses (reads return the
-    default, writes False or 0), logged once per burst and passed to
+    `failsafe=True` (Engine binds only) turns database errors into cache misses
+    (reads return the default, writes False, 0, or None for an unknown count), logged once per burst and passed to
     `on_error(error, operation_name)`. Every `expire_every` writes (50; None
     turns it off) a write also deletes a bounded batch of expired rows, and
     with `max_entries` this role's oldest entries past the cap (expiry.py).
@@ -576,9 +577,10 @@ class Cache:
             cache.incr("hits", 10)    # 11
         """
         _check_amount(amount)
+        key = normalize_key(key)
         try:
             statement = self._s.incr if create else self._s.incr_existing
-            result = yield statement, {"k": normalize_key(key), "amount": amount}, _scalars
+            result = yield statement, {"k": key, "amount": amount}, _scalars
         except sa_exc.DBAPIError as error:
             state = sqlstate(error)
             if state == "22003":
@@ -590,7 +592,7 @@ class Cache:
             return None
         if not result or result[0] is None:
             raise ValueError(f"the value at {key!r} is not an integer")
-        self._remember([normalize_key(key)])
+        self._remember([key])
         yield from self._expire_on_write(1)
         return int(result[0])
 
@@ -662,7 +664,7 @@ class Cache:
     def scan_iter(self, pattern: str = "*", batch_size: int = 1000) -> Iterator[str]:
         """Iterate over matching live keys, fetching `batch_size` at a time, in key order."""
         regex, after = _pattern(pattern), ""
-        _positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         while True:
             batch = self._scan_batch(regex, after, batch_size)
             yield from batch
@@ -690,7 +692,7 @@ class Cache:
         `all_users=True` (for the table owner, exempt from row-level security)
         cleans every role's rows.
         """
-        _positive("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         statement = self._s.cleanup_all if all_users else self._s.cleanup_mine
         total = 0
         while True:
@@ -888,10 +890,6 @@ def _negate(amount) -> int:
     _check_amount(amount)
     return -amount
 
-
-def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _key_list(keys) -> list[str]:

@@ -6,7 +6,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 
 from .cache import Cache
-from .errors import CacheConnectionError, connection_hint
+from .errors import CacheConnectionError, check_positive_int, check_positive_seconds, connection_hint
 from .failsafe import discard_dead_connections
 from .guard import NegativeLookupGuard
 
@@ -32,8 +32,7 @@ def _timeout_options(target: URL, statement_timeout: float | None, lock_timeout:
     # libpq's startup `options`, so the limits hold from the first statement at no extra round trip.
     settings = {"statement_timeout": statement_timeout, "lock_timeout": lock_timeout}
     for name, seconds in settings.items():
-        if seconds is not None and (not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0):
-            raise ValueError(f"{name} must be a positive number of seconds, or None for the server's own; got {seconds!r}")
+        check_positive_seconds(name, seconds, none_means="for the server's own")
     given = target.query.get("options")
     parts = [given] if isinstance(given, str) else list(given or ())
     parts += [f"-c {name}={max(1, round(seconds * 1000))}" for name, seconds in settings.items() if seconds]
@@ -111,8 +110,7 @@ class FastPgCache(Cache):
                  expire_every: int | None = 50, max_entries: int | None = None):
         if not (isinstance(minconn, int) and isinstance(maxconn, int) and 0 <= minconn <= maxconn and maxconn >= 1):
             raise ValueError(f"need 0 <= minconn <= maxconn and maxconn >= 1, got minconn={minconn} maxconn={maxconn}")
-        if not isinstance(cuckoo_capacity, int) or isinstance(cuckoo_capacity, bool) or cuckoo_capacity < 1:
-            raise ValueError(f"cuckoo_capacity must be a positive int (keys per user), got {cuckoo_capacity!r}")
+        check_positive_int("cuckoo_capacity", cuckoo_capacity)
         self.use_cuckoo_filter = use_cuckoo_filter
         self.cuckoo_capacity = cuckoo_capacity
         self.token_provider = None
@@ -120,8 +118,7 @@ class FastPgCache(Cache):
         if engine is None:
             target = build_url(connection_string, url=url, host=host, port=port, database=database, user=user,
                                password=None if instance_name else password)
-            if not isinstance(pool_timeout, (int, float)) or isinstance(pool_timeout, bool) or pool_timeout <= 0:
-                raise ValueError(f"pool_timeout must be a positive number of seconds, got {pool_timeout!r}")
+            check_positive_seconds("pool_timeout", pool_timeout)
             # AUTOCOMMIT: every cache call is a single statement, so it needs no BEGIN/COMMIT round
             # trips, and a connection never comes back inside a transaction: no rollback on return.
             engine = create_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout,

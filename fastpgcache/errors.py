@@ -108,3 +108,21 @@ def pool_timeout_error(pool) -> CacheTimeoutError:
     return CacheTimeoutError(
         f"all {pool.size()} pooled connections (maxconn) stayed busy for {pool.timeout():g} s (pool_timeout): "
         "raise maxconn or pool_timeout, or hold connections for less time")
+
+
+def check_positive_int(name: str, value, *, none_means: str | None = None) -> None:
+    """Raise ValueError unless `value` is an int >= 1 (a bool is not); None is allowed when `none_means` says what it does."""
+    if value is None and none_means:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        alternative = f", or None {none_means}" if none_means else ""
+        raise ValueError(f"{name} must be a positive int{alternative}; got {value!r}")
+
+
+def check_positive_seconds(name: str, value, *, none_means: str | None = None) -> None:
+    """Raise ValueError unless `value` is a positive number of seconds (int or float, not a bool)."""
+    if value is None and none_means:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        alternative = f", or None {none_means}" if none_means else ""
+        raise ValueError(f"{name} must be a positive number of seconds{alternative}; got {value!r}")

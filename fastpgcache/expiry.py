@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import NamedTuple
 
-from .errors import first_line
+from .errors import check_positive_int, first_line
 
 log = logging.getLogger("fastpgcache")
 
@@ -50,8 +50,8 @@ class ExpiryOnWrite:
     """
 
     def __init__(self, every: int | None = DEFAULT_EVERY, max_entries: int | None = None):
-        _check("expire_every", every)
-        _check("max_entries", max_entries)
+        check_positive_int("expire_every", every, none_means="to turn it off")
+        check_positive_int("max_entries", max_entries, none_means="to turn it off")
         self.every = every
         self.max_entries = max_entries
         self.trim_every = max(every or DEFAULT_EVERY, min(max_entries // 100, MAX_BATCH // 2)) if max_entries else None
@@ -106,7 +106,3 @@ class ExpiryOnWrite:
         batch, self._since_trim = min(2 * self._since_trim, MAX_BATCH), 0
         return batch
 
-
-def _check(name: str, value) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name} must be a positive int, or None to turn it off; got {value!r}")

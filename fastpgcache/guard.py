@@ -24,6 +24,7 @@ import weakref
 from sqlalchemy.engine import Engine
 
 from .cache import Cache, listen_sql
+from .errors import check_positive_int, check_positive_seconds
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +138,10 @@ class NegativeLookupGuard:
                  probe_timeout: float = 2.0, heartbeat: float = HEARTBEAT_SECONDS):
         if not isinstance(cache.bind, Engine):
             raise TypeError("the negative-lookup guard needs a Cache on an Engine (it opens its own listener)")
-        if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int (keys per user), got {capacity!r}")
+        check_positive_int("capacity", capacity)
         if not 0 < error_rate < 1:
             raise ValueError(f"error_rate must be between 0 and 1, got {error_rate!r}")
-        if not isinstance(heartbeat, (int, float)) or isinstance(heartbeat, bool) or not heartbeat > 0:
-            raise ValueError(f"heartbeat must be a positive number of seconds, got {heartbeat!r}")
+        check_positive_seconds("heartbeat", heartbeat)
         # A twin without a guard runs the warm-up, so the guard never consults itself.
         self._cache = Cache(cache.bind, schema=cache.schema, table=cache.table, user_id=cache.user_id)
         self.capacity = capacity
