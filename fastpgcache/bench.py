@@ -682,10 +682,10 @@ def pin_to_cpu(cpu: int, engine, redis_url: str | None = None) -> tuple[Callable
     """
     import os
 
-    with engine.connect() as connection:
+    with engine.connect() as connection:  # read the parent while the backend lives (a NullPool ends it at close)
         backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+        postmaster = _local_parent(backend, "postgres")
     pids = [0]
-    postmaster = _local_parent(backend, "postgres")
     if postmaster:
         # Backends forked from now on inherit the postmaster's CPU.
         pids += [postmaster, *_local_children(postmaster)]

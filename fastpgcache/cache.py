@@ -176,7 +176,8 @@ class _Statements:
                        .returning(literal(1)))
 
         rows = func.unnest(bindparam("ks", type_=ARRAY(Text)), bindparam("vals", type_=ARRAY(LargeBinary)),
-                           bindparam("flgs", type_=ARRAY(SmallInteger))).table_valued("key", "value", "flags").render_derived(name="batch")
+                           bindparam("flgs", type_=ARRAY(SmallInteger))
+                           ).table_valued("key", "value", "flags").render_derived(name="batch")
         columns = [rows.c.key, rows.c.value, rows.c.flags, expiry] + ([self.user] if user_id else [])
         many = insert(t).from_select(
             ["key", "value", "flags", "expires_at"] + (["user_id"] if user_id else []), select(*columns))

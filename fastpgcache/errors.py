@@ -111,7 +111,10 @@ def pool_timeout_error(pool) -> CacheTimeoutError:
 
 
 def check_positive_int(name: str, value, *, none_means: str | None = None) -> None:
-    """Raise ValueError unless `value` is an int >= 1 (a bool is not); None is allowed when `none_means` says what it does."""
+    """Raise ValueError unless `value` is an int >= 1 (a bool is not).
+
+    None is accepted when `none_means` says what it does, e.g. "to turn it off".
+    """
     if value is None and none_means:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -141,7 +141,7 @@ def test_pinning_puts_client_and_local_server_on_one_cpu_and_restores_them(pg_ur
     engine = create_engine(pg_url, poolclass=NullPool)  # every connect() forks a new backend
     with engine.connect() as connection:
         backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
-    postmaster = bench._local_parent(backend, "postgres")
+        postmaster = bench._local_parent(backend, "postgres")
     if postmaster and os.geteuid() not in (0, os.stat(f"/proc/{postmaster}").st_uid):
         postmaster = None  # a local server we may not re-pin: only this process is pinned
     mine, server = os.sched_getaffinity(0), os.sched_getaffinity(postmaster) if postmaster else None
