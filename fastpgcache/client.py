@@ -9,6 +9,7 @@ from .cache import Cache
 from .errors import CacheConnectionError, check_positive_int, check_positive_seconds, connection_hint
 from .failsafe import discard_dead_connections
 from .guard import NegativeLookupGuard
+from .leases import leases_for
 
 DRIVER = "postgresql+psycopg2"
 
@@ -126,6 +127,8 @@ class FastPgCache(Cache):
                                    connect_args={**_connect_args(target, prepare_threshold),
                                                  **_timeout_options(target, statement_timeout, lock_timeout)})
             discard_dead_connections(engine)
+            # Nothing else uses this Engine: its idle connections stay checked out, ready (leases.py).
+            leases_for(engine, keep=maxconn)
         if instance_name:
             from .databricks import provider_for_instance, attach
 
@@ -164,6 +167,7 @@ class FastPgCache(Cache):
         if self.token_provider is not None:
             self.token_provider.stop()
         if self._owns_engine:
+            self._leases.close()
             self.bind.dispose()
 
     def __enter__(self) -> "FastPgCache":

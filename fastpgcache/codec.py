@@ -12,7 +12,11 @@ TEXT = 1  # str, UTF-8
 JSON = 2  # int, float, bool, None, dict, list
 PICKLE = 3  # anything else, only when the caller opted in
 
-_JSON_TYPES = (bool, int, float, type(None), dict, list)
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+"""Exact types JSON stores as themselves; checked by type first, since this runs on every set()."""
+
+# One encoder for every call: json.dumps() with options would build a new one each time.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def _refuse(obj):
@@ -38,7 +42,7 @@ def serialize(value, *, allow_pickle: bool = False) -> tuple[int, bytes]:
         return PICKLE, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     if isinstance(value, (dict, list)):
         _check_json(value)
-        return JSON, json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return JSON, _ENCODER.encode(value).encode("utf-8")
     _refuse(value)
 
 
@@ -46,13 +50,15 @@ def _check_json(value) -> None:
     # json.dumps would quietly turn {1: x} into {"1": x} and tuples into lists: refuse what would not read back.
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise TypeError(f"cannot cache a dict with a {type(key).__name__} key ({key!r}): JSON keys are "
                                 "str, so it would read back changed (or create the cache with pickle=True)")
-            _check_json(item)
+            if type(item) not in _SCALARS:
+                _check_json(item)
     elif isinstance(value, list):
         for item in value:
-            _check_json(item)
+            if type(item) not in _SCALARS:
+                _check_json(item)
     elif not isinstance(value, (str, bool, int, float, type(None))):
         _refuse(value)
 

@@ -121,18 +121,19 @@ def discard_dead_connections(engine: Engine) -> Engine:
 
 def _check_idle_socket(dbapi_connection, connection_record, connection_proxy) -> None:
     # Raising DisconnectionError makes the pool discard this connection and check out another.
-    fileno = getattr(dbapi_connection, "fileno", None)
-    if fileno is None:  # a driver that cannot tell: the statement will find out
-        return
-    try:
-        readable = _readable(fileno())
-    except Exception:  # fileno() of a closed connection raises
-        raise sa_exc.DisconnectionError("the connection is closed") from None
-    if readable:
+    if socket_closed(dbapi_connection):
         raise sa_exc.DisconnectionError("the server closed this idle connection")
 
 
-def _readable(fd: int) -> bool:
+def socket_closed(dbapi_connection) -> bool:
+    """True if an idle driver connection's socket is readable or gone: the server hung up."""
+    fileno = getattr(dbapi_connection, "fileno", None)
+    if fileno is None:  # a driver that cannot tell: the statement will find out
+        return False
+    try:
+        fd = fileno()
+    except Exception:  # fileno() of a closed connection raises
+        return True
     # poll() where there is one: select() cannot watch descriptors above 1023.
     if hasattr(select, "poll"):
         poller = select.poll()

@@ -266,6 +266,23 @@ def test_set_many_types_and_overwrite(cache):
     assert type(got["a"]) is str and cache.ttl("a") == -1
 
 
+ARRAY_SYNTAX_KEYS = ['a"b', "a\\b", '\\"', "{x}", "a,b", "{", "}", " spaced ", "NULL", "null", '""', "()", "日本🐘",
+                     "tab\there", "new\nline", "'quoted'", "\\x41"]
+
+
+def test_batches_of_keys_that_look_like_array_syntax(cache):
+    # A batch travels as one array literal: quotes, backslashes, braces, commas, blanks and the
+    # word NULL in keys must arrive as themselves, and bytes of every value as stored.
+    values = {key: key.encode() + bytes(range(256)) for key in ARRAY_SYNTAX_KEYS}
+    values["empty bytes"] = b""
+    assert cache.set_many(values) == len(values)
+    assert cache.get_many(list(values) + ["nul", "NUL"]) == values
+    assert sorted(cache.keys("*")) == sorted(values)
+    assert {key: cache.get(key) for key in values} == values
+    assert cache.delete_many(ARRAY_SYNTAX_KEYS[:9] + ["absent"]) == 9
+    assert sorted(cache.get_many(list(values))) == sorted(ARRAY_SYNTAX_KEYS[9:] + ["empty bytes"])
+
+
 def test_set_many_with_colliding_normalized_keys_keeps_last(cache):
     assert cache.set_many({1: "int", "1": "str"}) == 1
     assert cache.get("1") == "str"

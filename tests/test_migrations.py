@@ -133,6 +133,25 @@ def test_alembic_command_line_upgrade_and_downgrade_leave_nothing(engine, pg_url
         assert left.scalar() == 0
 
 
+def reloptions(engine, schema, table="cache"):
+    with engine.connect() as connection:
+        return connection.execute(text(
+            "SELECT c.reloptions FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :s AND c.relname = :t"), {"s": schema, "t": table}).scalar()
+
+
+def test_pages_keep_room_for_overwrites_and_downgrade_removes_it(engine, pg_url, empty_schema):
+    # fillfactor 70 (migration 0003): an overwritten key's new version fits on its own page (a HOT update).
+    done = _alembic(pg_url, "-x", f"schema={empty_schema}", "upgrade", "head")
+    assert done.returncode == 0, done.stderr
+    assert reloptions(engine, empty_schema) == ["fillfactor=70"]
+    done = _alembic(pg_url, "-x", f"schema={empty_schema}", "downgrade", "0002_insert_notify_trigger")
+    assert done.returncode == 0, done.stderr
+    assert reloptions(engine, empty_schema) is None
+    setup_cache(engine=engine, schema=empty_schema, logged=True)  # upgrading an existing table sets it too
+    assert reloptions(engine, empty_schema) == ["fillfactor=70"]
+
+
 def test_alembic_url_from_x_argument(engine, pg_url, empty_schema):
     done = _alembic(pg_url, "-x", f"url={pg_url}", "-x", f"schema={empty_schema}", "upgrade", "head", env_url=False)
     assert done.returncode == 0, done.stderr

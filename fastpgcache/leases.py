@@ -1,0 +1,152 @@
+"""Connections a cache keeps checked out of its own pool between calls.
+
+SQLAlchemy's pool checkout and checkin (the fairy, its events, the queue and
+its lock) cost about 12 µs per call on loopback, as much as a quarter of the
+round trip of a cache hit (benchmarks/). An Engine the library created for
+itself has no other user, so its idle connections can wait in a LIFO stack
+instead: taking one is a `deque.pop()`. The pool still creates, counts and
+limits every connection, so `maxconn`, `pool_timeout` and `dispose()` keep
+their meaning; an Engine the caller passed in keeps nothing idle and gets
+every connection back after each call.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import weakref
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+
+from .failsafe import socket_closed
+
+_registry: "weakref.WeakKeyDictionary[Engine, ConnectionLeases]" = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+def leases_for(engine: Engine, keep: int | None = None) -> "ConnectionLeases":
+    """The one `ConnectionLeases` of `engine`; `keep` > 0 (for Engines the library owns) holds idle ones.
+
+    Every cache on one Engine shares it, so a cache waiting for a connection is
+    never starved by another one's idle stack.
+    """
+    with _registry_lock:
+        leases = _registry.get(engine)
+        if leases is None:
+            leases = _registry[engine] = ConnectionLeases(engine)
+        if keep is not None:
+            leases.keep = keep
+        return leases
+
+
+class ConnectionLeases:
+    """Hands out pooled connections, keeping up to `keep` of them checked out while idle.
+
+    ::
+
+        leases = leases_for(engine, keep=10)
+        connection = leases.acquire()   # a PoolProxiedConnection
+        try:
+            ...
+        finally:
+            leases.release(connection)
+    """
+
+    def __init__(self, engine: Engine, keep: int = 0):
+        self.engine = engine
+        self.keep = keep
+        self._idle: collections.deque = collections.deque()
+        self._waiting = 0  # callers blocked in the pool's own checkout; released connections go to them
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<ConnectionLeases keep={self.keep} idle={len(self._idle)}>"
+
+    def acquire(self):
+        """An idle connection whose server has not hung up, else one from the pool (waiting up to its timeout)."""
+        while True:
+            try:
+                connection = self._idle.pop()
+            except IndexError:
+                return self._from_pool()
+            if not _hung_up(connection):
+                return connection
+            self._discard(connection)
+
+    def release(self, connection) -> None:
+        """Keep `connection` idle for the next call, or give it back to the pool."""
+        if self._waiting or self._closed or len(self._idle) >= self.keep or not connection.is_valid:
+            connection.close()
+            return
+        self._idle.append(connection)
+        # Announce-then-check on both sides: a caller that began waiting on the pool after the
+        # test above gets a connection back; an extra one returned is harmless.
+        if self._waiting:
+            self.drain(1)
+
+    def lost(self, connection, error: BaseException) -> None:
+        """`connection` found its server gone: the pool replaces it and every connection opened
+        before now (they are from the lost server too), the idle ones included."""
+        self.engine.pool._invalidate(connection, error)
+        self.drain()
+
+    def drain(self, count: int | None = None) -> None:
+        """Give idle connections (all, or `count`) back to the pool."""
+        while count is None or count > 0:
+            try:
+                connection = self._idle.pop()
+            except IndexError:
+                return
+            connection.close()
+            count = None if count is None else count - 1
+
+    def close(self) -> None:
+        """Return every idle connection, and from now on every released one, to the pool."""
+        self._closed = True
+        self.drain()
+
+    def _from_pool(self):
+        # raw_connection() lets a refused connection out as the bare driver error; wrap it for translate().
+        with self._lock:
+            self._waiting += 1
+        try:
+            try:  # announced; now look again, in case one was released in between
+                return self._idle.pop()
+            except IndexError:
+                pass
+            dbapi_error = self.engine.dialect.loaded_dbapi.Error
+            try:
+                return self.engine.raw_connection()
+            except dbapi_error as error:
+                raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error,
+                                                 dialect=self.engine.dialect) from None
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def _discard(self, connection) -> None:
+        # The server closed it while idle (restart, crash, terminated backend); acquire() checks the next one too.
+        connection.invalidate()  # checks it back in, to be replaced by the pool
+
+    def _forget(self) -> None:
+        # In a forked child: the idle connections' sockets belong to the parent; never touch them.
+        self._idle = collections.deque()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        if self.keep:
+            self.engine.dispose(close=False)
+
+
+def _hung_up(connection) -> bool:
+    # An idle connection has nothing to read: if its socket is readable, the server is gone.
+    return socket_closed(connection.dbapi_connection)
+
+
+def _forget_in_child() -> None:
+    for leases in list(_registry.values()):
+        leases._forget()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
