@@ -65,6 +65,24 @@ def build_url(connection_string: str | None = None, *, url: str | URL | None = N
     return URL.create(DRIVER, username=user, password=password or None, host=host, port=port, database=database)
 
 
+def cache_engine(url: str | URL, **options) -> Engine:
+    """An Engine for cache calls only; `options` go to `create_engine` and win over these defaults.
+
+    Every call is one statement, so AUTOCOMMIT spares the BEGIN/COMMIT round trips
+    and no connection comes back inside a transaction (no rollback on return);
+    connections the server closed are dropped at checkout; and as nothing else
+    uses the Engine, idle connections stay checked out for the next call (leases.py)::
+
+        engine = cache_engine("postgresql+psycopg2://app@db/app", pool_size=5)
+        Cache(engine).set("k", "v")
+    """
+    engine = create_engine(url, **{"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None, **options})
+    discard_dead_connections(engine)
+    size = getattr(engine.pool, "size", None)  # QueuePool's pool_size; pools without one keep nothing idle
+    leases_for(engine, keep=size() if callable(size) else 0)
+    return engine
+
+
 def _supported(url: URL) -> URL:
     # Other databases, and drivers without psycopg's blocking API, fail later with a less helpful error.
     if url.get_backend_name() != "postgresql" or url.get_driver_name() not in ("psycopg2", "psycopg"):
@@ -120,15 +138,9 @@ class FastPgCache(Cache):
             target = build_url(connection_string, url=url, host=host, port=port, database=database, user=user,
                                password=None if instance_name else password)
             check_positive_seconds("pool_timeout", pool_timeout)
-            # AUTOCOMMIT: every cache call is a single statement, so it needs no BEGIN/COMMIT round
-            # trips, and a connection never comes back inside a transaction: no rollback on return.
-            engine = create_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout,
-                                   isolation_level="AUTOCOMMIT", pool_reset_on_return=None,
-                                   connect_args={**_connect_args(target, prepare_threshold),
-                                                 **_timeout_options(target, statement_timeout, lock_timeout)})
-            discard_dead_connections(engine)
-            # Nothing else uses this Engine: its idle connections stay checked out, ready (leases.py).
-            leases_for(engine, keep=maxconn)
+            engine = cache_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout,
+                                  connect_args={**_connect_args(target, prepare_threshold),
+                                                **_timeout_options(target, statement_timeout, lock_timeout)})
         if instance_name:
             from .databricks import provider_for_instance, attach
 

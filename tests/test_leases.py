@@ -70,6 +70,20 @@ def test_a_cache_on_your_own_engine_gives_every_connection_back(engine, schema):
     assert engine.pool.checkedout() == 0  # nothing of the application's pool is held between calls
 
 
+def test_the_framework_backends_engine_keeps_its_idle_connections_too(engine, pg_url, schema):
+    from fastpgcache.contrib import shared_engine
+
+    url, name = _named(pg_url)
+    framework_engine = shared_engine(url, {"pool_size": 2, "max_overflow": 0})
+    cache = Cache(framework_engine, schema=schema)
+    errors = _run_threads(lambda i: [cache.set(f"f{i}:{j}", j) for j in range(30)], 6)
+    assert errors == []
+    assert framework_engine.pool.checkedout() <= 2 and len(_backends(engine, name)) <= 2
+    assert cache.get("f5:29") == 29
+    assert framework_engine.pool.checkedout() >= 1  # idle, kept for the next call
+    framework_engine.dispose()
+
+
 def test_more_threads_than_connections_each_get_one_in_turn(engine, pg_url, schema):
     # Callers blocked in the pool must be handed connections that other calls release; a short
     # pool_timeout turns a starved waiter into a CacheTimeoutError this test would collect.

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import threading
 
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine
 
-from ..client import build_url
+from ..client import build_url, cache_engine
 
 _engines: dict[tuple, Engine] = {}
 _engines_lock = threading.Lock()
@@ -26,5 +25,5 @@ def shared_engine(url: str | URL, engine_options: dict | None = None) -> Engine:
     with _engines_lock:
         engine = _engines.get(identity)
         if engine is None:
-            engine = _engines[identity] = create_engine(target, **options)
+            engine = _engines[identity] = cache_engine(target, **options)
         return engine

@@ -162,4 +162,4 @@ class FastPgCache(BaseCache):
         self.store.clear()
 
     def close(self, **kwargs):
-        """Nothing to release: each call returns its connection to the shared pool when it ends."""
+        """Nothing to release: the process shares one Engine, whose idle connections wait for the next call."""
