@@ -2,6 +2,7 @@
 
     python benchmarks/bench_drivers.py            # FASTPGCACHE_URL, or a throwaway embedded server
     python benchmarks/bench_drivers.py --quick
+    python benchmarks/bench_drivers.py --layout same   # client and server on one CPU (default split)
 
 The floor is raw psycopg2 (autocommit) replaying the exact SQL text and
 parameters this library sends, on the same table. Contenders run interleaved,
@@ -18,13 +19,14 @@ import uuid
 
 import psycopg
 import psycopg2
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from fastpgcache import FastPgCache, codec, setup_cache
 from fastpgcache.aio import AsyncCache
-from fastpgcache.bench import capture_sql, pin_to_cpu
+from fastpgcache.bench import LAYOUTS, apply_layout, capture_sql
 from fastpgcache.embedded import default_url
 
 VALUE = {"name": "Alice", "roles": ["admin", "dev"], "pad": "x" * 60}
@@ -116,6 +118,8 @@ def report(samples: dict, floor: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls (a smoke run)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="split",
+                        help="CPU layout of client and local server, as in `fastpgcache bench` (default split)")
     args = parser.parse_args()
     rounds, calls = (2, 100) if args.quick else (5, 500)
 
@@ -141,21 +145,24 @@ def main() -> None:
         "fastpgcache psycopg 3, prepared": prepared,
         "fastpgcache AsyncCache psycopg 3": on_async,
     }
-    unpin, pinned = pin_to_cpu(0, on_psycopg2.bind)  # same-CPU round trips for every contender (bench.py)
+    # An engine for pinning and cleanup: each client keeps its pool's one connection (maxconn=1) between calls.
+    admin = create_engine(driver_url(url, "psycopg2"), poolclass=NullPool)
+    pinned = apply_layout(args.layout, admin)  # one placement for every contender (bench.py)
     try:
         print(f"server {on_psycopg2.bind.dialect.server_version_info}, {rounds} rounds x {calls} calls, "
-              f"value {len(str(VALUE))} chars; {pinned or 'not pinned'}")
+              f"value {len(str(VALUE))} chars; {pinned.note}")
         report(measure(contenders, rounds, calls), "raw psycopg2 (floor)")
     finally:
-        unpin()
+        pinned.undo()
         on_async.close()
         raw2.close()
         raw3.close()
         for client in (on_psycopg, prepared):
             client.close()
-        with on_psycopg2.bind.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         on_psycopg2.close()
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
 
 
 if __name__ == "__main__":

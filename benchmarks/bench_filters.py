@@ -2,6 +2,7 @@
 
     python benchmarks/bench_filters.py            # FASTPGCACHE_URL, or a throwaway embedded server
     python benchmarks/bench_filters.py --quick
+    python benchmarks/bench_filters.py --layout same   # client and servers on one CPU (default split)
 
 Guard: a negative get() answered by a warm guard against a database miss
 (guard off) and the same SELECT on raw psycopg2, Redis GET of a missing key
@@ -25,7 +26,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from fastpgcache import CuckooFilter, FastPgCache, setup_cache
-from fastpgcache.bench import capture_sql, pin_to_cpu
+from fastpgcache.bench import LAYOUTS, apply_layout, capture_sql
 from fastpgcache.embedded import default_url
 
 
@@ -171,20 +172,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default=os.environ.get("FASTPGCACHE_URL"))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--layout", choices=LAYOUTS, default="split",
+                        help="CPU layout of client and local servers, as in `fastpgcache bench` (default split)")
     args = parser.parse_args()
     url = make_url(args.url or default_url()).set(drivername="postgresql+psycopg2")
     engine = create_engine(url)
     with_trigger, without = fresh_schema(engine, True), fresh_schema(engine, False)
     quick = args.quick
-    unpin, pinned = pin_to_cpu(0, engine, REDIS_URL)  # same-CPU round trips for every measurement (fastpgcache/bench.py)
-    print(pinned or "not pinned")
+    pinned = apply_layout(args.layout, engine, REDIS_URL)  # one placement for every measurement (fastpgcache/bench.py)
+    print(pinned.note)
     try:
         cuckoo = bench_cuckoo(20_000 if quick else 100_000)
         lookups = bench_negative_get(url, with_trigger, 5_000 if quick else 20_000)
         writes = bench_set_overhead(url, with_trigger, without, 4 if quick else 10, 100 if quick else 300)
         delays = bench_notification_delay(url, with_trigger, 20 if quick else 100)
     finally:
-        unpin()
+        pinned.undo()
         with engine.begin() as connection:
             for name in (with_trigger, without):
                 connection.execute(text(f'DROP SCHEMA "{name}" CASCADE'))

@@ -16,6 +16,7 @@ Errors are one line on stderr, never a traceback, never the password::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -105,10 +106,7 @@ def cmd_bench(args) -> int:
     from . import bench
 
     settings = bench.Settings.quick() if args.quick else bench.Settings()
-    if args.rounds:
-        settings = bench.Settings(**{**settings.__dict__, "rounds": args.rounds})
-    if args.no_pin:
-        settings = bench.Settings(**{**settings.__dict__, "pin_cpu": None})
+    settings = dataclasses.replace(settings, rounds=args.rounds or settings.rounds, layout=args.layout)
     report = bench.run_bench(_url(args, required=False), redis_url=args.redis, settings=settings,
                              progress=sys.stderr.isatty())
     print(bench.format_table(report))
@@ -209,8 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--redis", metavar="URL", help="also measure Redis at URL, e.g. redis://127.0.0.1:6379")
     bench.add_argument("--quick", action="store_true", help="fewer rounds and calls (under 15 s)")
     bench.add_argument("--rounds", type=int, help="interleaved rounds (default 5, --quick 2)")
-    bench.add_argument("--no-pin", action="store_true",
-                       help="do not pin this process and a local server to one CPU (see benchmarks/README.md)")
+    layout = bench.add_mutually_exclusive_group()
+    # bench.LAYOUTS, spelled out so that parsing `fastpgcache get` does not import the bench.
+    layout.add_argument("--layout", choices=("split", "same", "none"), default="split",
+                        help="split (default): this process on CPU 0, a local PostgreSQL and Redis on CPU 1 "
+                             "(the first two CPUs it may use); same: all on CPU 0; none: nothing pinned "
+                             "(see benchmarks/README.md)")
+    layout.add_argument("--no-pin", dest="layout", action="store_const", const="none", default=argparse.SUPPRESS,
+                        help="the same as --layout none (kept for older scripts)")
     bench.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="draw a latency chart (needs matplotlib)")
     return parser

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from fastpgcache import bench
 
@@ -15,6 +17,8 @@ TINY = bench.Settings(rounds=2, calls=3, budget_s=0.05, threads=2, thread_ops=3,
 LOAD = f"load {TINY.threads}x{TINY.thread_ops}"
 REDIS_URL = "redis://127.0.0.1:6379"
 DJANGO = "Django DatabaseCache"
+ONLY_FLOOR_AND_LIBRARY = {DJANGO, "Redis", "Cache(session)", "FastPgCache, guard off", "psycopg2 LOGGED",
+                          "FastPgCache LOGGED"}
 
 
 def _redis_answers() -> bool:
@@ -83,11 +87,16 @@ def test_goals_are_listed_with_ratios_or_none_when_not_measured(report):
 def test_table_json_and_plot(report, tmp_path):
     table = bench.format_table(report)
     assert "p50 µs" in table and "p50 x floor" in table and "goals" in table
+    # The default layout, or "same" when this machine lets the process use one CPU only.
+    assert report.meta["layout"] == ("split" if len(os.sched_getaffinity(0)) >= 2 else "same")
+    assert table.splitlines()[0].endswith(f"layout {report.meta['layout']}")
+    assert f"note: layout {report.meta['layout']}" in table
     assert all(r.contender in table for r in report.results)
     path = tmp_path / "bench.json"
     bench.write_json(report, str(path))
     data = json.loads(path.read_text())
     assert set(data) == {"meta", "results", "goals", "notes"}
+    assert data["meta"]["layout"] == report.meta["layout"]
     assert len(data["results"]) == len(report.results)
     assert {"workload", "contender", "p50_us", "p95_us", "p99_us", "ops_per_s", "p50_vs_floor"} <= set(
         data["results"][0])
@@ -113,53 +122,172 @@ def test_the_floor_cannot_be_excluded(pg_url):
         bench.run_bench(pg_url, settings=TINY, progress=False, exclude={bench.FLOOR})
 
 
-def test_django_database_cache_is_measured_on_the_same_server(pg_url, tmp_path):
-    out = tmp_path / "django.json"
+def test_django_database_cache_is_measured_on_the_same_server_in_every_run_of_a_process(pg_url, tmp_path):
+    # Two runs in one process, as benchmarks/goals.py does (one per layout): Django is configured once.
     script = textwrap.dedent(f"""
         from fastpgcache import bench
-        settings = bench.Settings(rounds=1, calls=2, budget_s=0.05, threads=2, thread_ops=2, batch_sizes=(10,))
-        report = bench.run_bench({pg_url!r}, settings=settings, progress=False,
-                                 exclude={{"FastPgCache, guard off", "psycopg2 LOGGED", "FastPgCache LOGGED"}})
-        bench.write_json(report, {str(out)!r})
+        for layout in ("split", "same"):
+            settings = bench.Settings(rounds=1, calls=2, budget_s=0.05, threads=2, thread_ops=2,
+                                      batch_sizes=(10,), layout=layout)
+            report = bench.run_bench({pg_url!r}, settings=settings, progress=False,
+                                     exclude={{"FastPgCache, guard off", "psycopg2 LOGGED", "FastPgCache LOGGED"}})
+            bench.write_json(report, {str(tmp_path)!r} + f"/django-{{layout}}.json")
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
-    data = json.loads(out.read_text())
-    django_rows = [r for r in data["results"] if r["contender"] == DJANGO]
-    assert {r["workload"] for r in django_rows} == {"get hit", "get miss", "set", "set ttl", "incr",
-                                                     "set_many(10)", "get_many(10)", "load 2x2"}
-    goal = next(g for g in data["goals"] if g["goal"] == "set throughput, FastPgCache / Django DatabaseCache")
-    assert goal["ratio"] > 0
+    for layout in ("split", "same"):
+        data = json.loads((tmp_path / f"django-{layout}.json").read_text())
+        django_rows = [r for r in data["results"] if r["contender"] == DJANGO]
+        assert {r["workload"] for r in django_rows} == {"get hit", "get miss", "set", "set ttl", "incr",
+                                                         "set_many(10)", "get_many(10)", "load 2x2"}, data["notes"]
+        goal = next(g for g in data["goals"] if g["goal"] == "set throughput, FastPgCache / Django DatabaseCache")
+        assert goal["ratio"] > 0
 
 
-def test_pinning_puts_client_and_local_server_on_one_cpu_and_restores_them(pg_url):
-    import os
-
-    from sqlalchemy import create_engine, text
-
-    from sqlalchemy.pool import NullPool
-
-    engine = create_engine(pg_url, poolclass=NullPool)  # every connect() forks a new backend
+def _repinnable_postmaster(engine) -> int | None:
+    """The local postmaster behind `engine` when this process may change its affinity, else None."""
     with engine.connect() as connection:
         backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
         postmaster = bench._local_parent(backend, "postgres")
     if postmaster and os.geteuid() not in (0, os.stat(f"/proc/{postmaster}").st_uid):
-        postmaster = None  # a local server we may not re-pin: only this process is pinned
+        return None  # a local server we may not re-pin: only this process is pinned
+    return postmaster
+
+
+def _backend_pid(connection) -> int:
+    """The server process behind `connection`, whose affinity the pinning tests read."""
+    return connection.execute(text("SELECT pg_backend_pid()")).scalar()
+
+
+@pytest.fixture
+def forking_engine(pg_url):
+    """An engine without a pool, so that each connect() forks a fresh backend from the postmaster."""
+    engine = create_engine(pg_url, poolclass=NullPool)
+    yield engine
+    engine.dispose()
+
+
+def test_same_cpu_pinning_puts_client_and_local_server_on_one_cpu_and_restores_them(forking_engine):
+    engine = forking_engine
+    postmaster = _repinnable_postmaster(engine)
     mine, server = os.sched_getaffinity(0), os.sched_getaffinity(postmaster) if postmaster else None
+    undo, note = bench.pin_to_cpu(0, engine)
     try:
-        undo, note = bench.pin_to_cpu(0, engine)
         assert os.sched_getaffinity(0) == {0}
         if postmaster:  # a local server (always so for the embedded one)
             assert os.sched_getaffinity(postmaster) == {0}
             with engine.connect() as connection:  # a backend forked now inherits the CPU
-                fresh = connection.execute(text("SELECT pg_backend_pid()")).scalar()
-                assert fresh != backend and os.sched_getaffinity(fresh) == {0}
-            assert "pinned to CPU 0" in note
+                assert os.sched_getaffinity(_backend_pid(connection)) == {0}
+            assert "PostgreSQL" in note and "pinned to CPU 0" in note
+    finally:
         undo()
+    assert os.sched_getaffinity(0) == mine
+    if postmaster:
+        assert os.sched_getaffinity(postmaster) == server
+
+
+def test_split_layout_puts_the_local_server_on_another_cpu_and_restores_every_affinity(forking_engine):
+    engine = forking_engine
+    postmaster = _repinnable_postmaster(engine)
+    usable = sorted(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)
+    server = os.sched_getaffinity(postmaster) if postmaster else None
+    older = engine.connect()  # a backend that exists before pinning and lives through it
+    try:
+        older_pid = _backend_pid(older)
+        older_cpus = os.sched_getaffinity(older_pid)
+        pinned = bench.apply_layout("split", engine)
+        try:
+            if len(usable) >= 2:
+                client_cpu, server_cpu = usable[0], usable[1]  # CPUs 0 and 1 unless a cpuset says otherwise
+                assert pinned.layout == "split" and pinned.note.startswith("layout split: ")
+            else:
+                client_cpu = server_cpu = usable[0]
+                assert pinned.layout == "same" and "fell back to same" in pinned.note
+            assert os.sched_getaffinity(0) == {client_cpu}
+            if postmaster:
+                assert f"pinned to CPU {server_cpu}" in pinned.note and "PostgreSQL" in pinned.note
+                assert os.sched_getaffinity(postmaster) == {server_cpu}
+                assert os.sched_getaffinity(older_pid) == {server_cpu}
+            forked = engine.connect()  # forked while pinned: inherits the server's CPU, and must get it back
+            forked_pid = _backend_pid(forked)
+            if postmaster:
+                assert os.sched_getaffinity(forked_pid) == {server_cpu}
+        finally:
+            pinned.undo()
         assert os.sched_getaffinity(0) == mine
         if postmaster:
             assert os.sched_getaffinity(postmaster) == server
+            assert os.sched_getaffinity(older_pid) == older_cpus
+            assert os.sched_getaffinity(forked_pid) == server
+        forked.close()
     finally:
-        engine.dispose()
+        older.close()
+
+
+def test_split_layout_falls_back_to_same_with_one_usable_cpu(forking_engine):
+    mine = os.sched_getaffinity(0)
+    only = min(mine)
+    os.sched_setaffinity(0, {only})  # this process may use one CPU, as under taskset or a one-CPU cpuset
+    try:
+        pinned = bench.apply_layout("split", forking_engine)
+        try:
+            assert pinned.layout == "same"
+            assert pinned.note.startswith("layout same (split asked for") and "fell back to same" in pinned.note
+            assert os.sched_getaffinity(0) == {only}
+            postmaster = _repinnable_postmaster(forking_engine)
+            if postmaster:
+                assert os.sched_getaffinity(postmaster) == {only}
+        finally:
+            pinned.undo()
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
+def test_none_layout_pins_nothing_and_says_so(forking_engine):
+    postmaster = _repinnable_postmaster(forking_engine)
+    mine = os.sched_getaffinity(0)
+    server = os.sched_getaffinity(postmaster) if postmaster else None
+    pinned = bench.apply_layout("none", forking_engine)
+    assert pinned.layout == "none" and pinned.note.startswith("layout none: nothing pinned")
+    assert os.sched_getaffinity(0) == mine
+    if postmaster:
+        assert os.sched_getaffinity(postmaster) == server
+    pinned.undo()
+    assert os.sched_getaffinity(0) == mine
+
+
+def test_a_run_in_the_none_layout_never_pins(pg_url, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "pin_to_cpu", lambda *args, **kwargs: calls.append(args))
+    settings = bench.Settings(rounds=1, calls=2, budget_s=0.05, threads=2, thread_ops=2, batch_sizes=(10,),
+                              layout="none")
+    report = bench.run_bench(pg_url, settings=settings, progress=False, exclude=ONLY_FLOOR_AND_LIBRARY)
+    assert calls == []
+    assert report.meta["layout"] == "none" and report.meta["settings"]["layout"] == "none"
+    assert any(note.startswith("layout none: nothing pinned") for note in report.notes)
+    assert bench.format_table(report).splitlines()[0].endswith("layout none")
+
+
+def test_an_unknown_layout_is_refused_with_the_valid_ones_named(forking_engine):
+    with pytest.raises(ValueError, match="split, same, none"):
+        bench.Settings(layout="both")
+    with pytest.raises(ValueError, match="unknown CPU layout 'shared'"):
+        bench.apply_layout("shared", forking_engine)
+
+
+def test_the_cli_takes_a_layout_and_no_pin_means_none(capsys):
+    from fastpgcache import cli
+
+    parse = cli.build_parser().parse_args
+    assert parse(["bench"]).layout == "split"
+    assert parse(["bench", "--layout", "same"]).layout == "same"
+    assert parse(["bench", "--no-pin"]).layout == "none"
+    for layout in bench.LAYOUTS:
+        assert parse(["bench", "--layout", layout]).layout == layout
+    with pytest.raises(SystemExit) as exited:
+        parse(["bench", "--layout", "both"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1  # argparse's own one-line error
 
 
 def test_cleanup_steps_each_run_when_an_earlier_one_fails(pg_url, monkeypatch):
@@ -184,7 +312,8 @@ def test_cleanup_steps_each_run_when_an_earlier_one_fails(pg_url, monkeypatch):
         raise KeyboardInterrupt  # stop the run before measuring: only its cleanup is under test
 
     monkeypatch.setattr(fastpgcache.embedded, "EmbeddedPostgres", Server)
-    monkeypatch.setattr(bench, "pin_to_cpu", lambda cpu, engine, redis_url: (lambda: done.append("unpinned"), None))
+    monkeypatch.setattr(bench, "pin_to_cpu", lambda client_cpu, engine, redis_url=None, *, server_cpu=None: (
+        lambda: done.append("unpinned"), None))
     monkeypatch.setattr(bench._Scratch, "close", failing_close)
     monkeypatch.setattr(bench, "build_workloads", no_workloads)
     with pytest.raises(RuntimeError, match="close failed"):
