@@ -263,6 +263,7 @@ def _bytea_array(items: Iterable[bytes]) -> str:
 
 
 def _int_array(items: Iterable[int]) -> str:
+    """Integers as an array literal (the flags of a set_many batch)."""
     return "{" + ",".join(map(str, items)) + "}"
 
 
@@ -459,7 +460,7 @@ class Cache:
                     raise
             finally:
                 if pooled is not None:
-                    if not autocommit:
+                    if not autocommit and pooled.is_valid:
                         driver.autocommit = autocommit
                     self._leases.release(pooled)
 

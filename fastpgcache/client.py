@@ -9,7 +9,7 @@ from .cache import Cache
 from .errors import CacheConnectionError, check_positive_int, check_positive_seconds, connection_hint
 from .failsafe import discard_dead_connections
 from .guard import NegativeLookupGuard
-from .leases import leases_for
+from .leases import LeasingQueuePool, leases_for
 
 DRIVER = "postgresql+psycopg2"
 
@@ -76,10 +76,11 @@ def cache_engine(url: str | URL, **options) -> Engine:
         engine = cache_engine("postgresql+psycopg2://app@db/app", pool_size=5)
         Cache(engine).set("k", "v")
     """
-    engine = create_engine(url, **{"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None, **options})
+    defaults = {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None, "poolclass": LeasingQueuePool}
+    engine = create_engine(url, **{**defaults, **options})
     discard_dead_connections(engine)
-    size = getattr(engine.pool, "size", None)  # QueuePool's pool_size; pools without one keep nothing idle
-    leases_for(engine, keep=size() if callable(size) else 0)
+    # Up to pool_size connections wait idle; another pool class given in `options` keeps none.
+    leases_for(engine, keep=engine.pool.size() if isinstance(engine.pool, LeasingQueuePool) else 0)
     return engine
 
 

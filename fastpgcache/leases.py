@@ -6,8 +6,10 @@ round trip of a cache hit (benchmarks/). An Engine the library created for
 itself has no other user, so its idle connections can wait in a LIFO stack
 instead: taking one is a `deque.pop()`. The pool still creates, counts and
 limits every connection, so `maxconn`, `pool_timeout` and `dispose()` keep
-their meaning; an Engine the caller passed in keeps nothing idle and gets
-every connection back after each call.
+their meaning, and any checkout from the pool itself (`engine.connect()`, the
+stampede lock's transaction) first takes back an idle connection
+(`LeasingQueuePool`). An Engine the caller passed in keeps nothing idle and
+gets every connection back after each call.
 """
 from __future__ import annotations
 
@@ -18,11 +20,33 @@ import weakref
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
 
 from .failsafe import socket_closed
 
 _registry: "weakref.WeakKeyDictionary[Engine, ConnectionLeases]" = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
+# The leases holding idle connections of each pool, for LeasingQueuePool to take them back.
+_by_pool: "weakref.WeakKeyDictionary[QueuePool, ConnectionLeases]" = weakref.WeakKeyDictionary()
+
+
+class LeasingQueuePool(QueuePool):
+    """A QueuePool whose every checkout may take back a connection a cache holds idle.
+
+    Without it, `engine.connect()` on a client whose connections all wait idle
+    in its stack would wait `pool_timeout` for nothing::
+
+        engine = create_engine(url, poolclass=LeasingQueuePool, pool_size=5)
+    """
+
+    def _do_get(self):
+        leases = _by_pool.get(self)
+        if leases is None:
+            return super()._do_get()
+        with leases.waiting():
+            if not self.checkedin():
+                leases.drain(1)  # an idle connection goes back to the queue, for this caller
+            return super()._do_get()
 
 
 def leases_for(engine: Engine, keep: int | None = None) -> "ConnectionLeases":
@@ -107,24 +131,20 @@ class ConnectionLeases:
         self._closed = True
         self.drain()
 
+    def waiting(self):
+        """Context manager around a wait in the pool: meanwhile, released connections go to the pool."""
+        return _Waiting(self)
+
     def _from_pool(self):
         # raw_connection() lets a refused connection out as the bare driver error; wrap it for translate().
-        with self._lock:
-            self._waiting += 1
+        pool = self.engine.pool  # a new one after dispose(): LeasingQueuePool must find us from it too
+        if self.keep and isinstance(pool, LeasingQueuePool):
+            _by_pool[pool] = self
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
         try:
-            try:  # announced; now look again, in case one was released in between
-                return self._idle.pop()
-            except IndexError:
-                pass
-            dbapi_error = self.engine.dialect.loaded_dbapi.Error
-            try:
-                return self.engine.raw_connection()
-            except dbapi_error as error:
-                raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error,
-                                                 dialect=self.engine.dialect) from None
-        finally:
-            with self._lock:
-                self._waiting -= 1
+            return self.engine.raw_connection()
+        except dbapi_error as error:
+            raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error, dialect=self.engine.dialect) from None
 
     def _discard(self, connection) -> None:
         # The server closed it while idle (restart, crash, terminated backend); acquire() checks the next one too.
@@ -137,6 +157,20 @@ class ConnectionLeases:
         self._lock = threading.Lock()
         if self.keep:
             self.engine.dispose(close=False)
+
+
+class _Waiting:
+    # Announce-then-check with release(): whichever runs second sees the other (see release()).
+    def __init__(self, leases: ConnectionLeases):
+        self._leases = leases
+
+    def __enter__(self):
+        with self._leases._lock:
+            self._leases._waiting += 1
+
+    def __exit__(self, *exc):
+        with self._leases._lock:
+            self._leases._waiting -= 1
 
 
 def _hung_up(connection) -> bool:

@@ -116,6 +116,35 @@ def test_more_threads_than_connections_each_get_one_in_turn(engine, pg_url, sche
         assert max(seen) <= 2
 
 
+def test_the_clients_engine_hands_out_its_idle_connection_to_anyone(pg_url, schema):
+    # cache.bind.connect() and the calls of the cache take turns on maxconn=1, neither waiting for
+    # pool_timeout: a checkout from the pool takes the idle connection back, and while someone waits
+    # in the pool, released connections go there instead of to the idle stack.
+    with FastPgCache(url=pg_url, schema=schema, maxconn=1, pool_timeout=2, use_cuckoo_filter=False) as cache:
+        cache.set("k", 0)
+        with cache.bind.connect() as connection:
+            assert connection.execute(text("SELECT 1")).scalar() == 1
+        stop = threading.Event()
+
+        def calls(i):
+            j = 0
+            while not stop.is_set():
+                cache.set("k", j)
+                assert cache.get("k") == j
+                j += 1
+
+        def direct(i):
+            try:
+                for _ in range(30):
+                    with cache.bind.connect() as connection:
+                        assert connection.execute(text("SELECT 2")).scalar() == 2
+            finally:
+                stop.set()
+
+        assert _run_threads(lambda i: calls(i) if i else direct(i), 3) == []
+        assert cache.get_or_set("fresh", lambda: "computed") == "computed"  # its lock takes a pooled connection
+
+
 def test_a_connection_the_server_closed_while_idle_is_replaced_before_a_write(engine, pg_url, schema):
     url, name = _named(pg_url)
     with FastPgCache(url=url, schema=schema, minconn=2, maxconn=2, use_cuckoo_filter=False) as cache:
