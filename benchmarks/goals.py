@@ -50,7 +50,17 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where to write results (default {RESULTS})")
     args = parser.parse_args()
     layouts = ["split", "same"] if args.layout == "both" else [args.layout]
-    missed = {layout: run_layout(layout, args) for layout in layouts}
+    server = None
+    if args.url is None:  # one embedded server for every layout: Django binds itself to one database per process
+        from fastpgcache.embedded import EmbeddedPostgres
+
+        server = EmbeddedPostgres().start()
+        args.url = server.url
+    try:
+        missed = {layout: run_layout(layout, args) for layout in layouts}
+    finally:
+        if server is not None:
+            server.stop()
     for layout, names in missed.items():
         verdict = "fails the run" if layout == GATING else "printed only, not fatal"
         print(f"layout {layout}: {len(names)} goal(s) missed ({verdict})" + "".join(f"\n  {n}" for n in names))

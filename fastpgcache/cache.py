@@ -145,7 +145,10 @@ class _Statements:
 
     def __init__(self, table_name: str, user_id: str | None):
         t = self.table = cache_table(table_name)
-        self.user = bindparam("user_id", user_id, type_=Text) if user_id else func.current_user()
+        # current_user is a `name`, collated "C"; compared as such to the "default"-collated user_id it
+        # cannot use the primary key index, and every get became a sequential scan (3.5 ms at 50,000 rows).
+        self.user = (bindparam("user_id", user_id, type_=Text) if user_id
+                     else cast(func.current_user(), Text).collate("default"))
         mine = t.c.user_id == self.user
         live = or_(t.c.expires_at.is_(None), t.c.expires_at > func.now())
         expired = and_(t.c.expires_at.is_not(None), t.c.expires_at <= func.now())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -132,12 +133,21 @@ def test_the_check_for_max_entries_runs_rarely_for_large_caps():
 
 
 def test_expiry_batch_uses_the_expires_at_index(engine, schema):
-    from fastpgcache.cache import _statements
-
-    compiled = _statements("cache", None).expire_batch.compile(dialect=engine.dialect)
-    with engine.begin() as connection:
-        connection.execute(text(f'SET LOCAL search_path = "{schema}"'))
-        connection.execute(text("SET LOCAL enable_seqscan = off"))
-        plan = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.construct_params({"batch": 100}))
-        lines = "\n".join(row[0] for row in plan)
-    assert "cache_expires_at_idx" in lines
+    # A role's many live rows and a few expired ones: the batch must find the expired ones
+    # through the partial expires_at index, not by walking the role's rows or the table.
+    cache = Cache(engine, schema=schema, expire_every=None)
+    for batch in range(3):
+        cache.set_many({f"live:{batch}:{i}": i for i in range(1000)})
+    cache.set_many({f"dead:{i}": i for i in range(100)}, ttl=0.05)
+    time.sleep(0.1)
+    with engine.connect() as connection:
+        connection.execute(text(f'ANALYZE "{schema}".cache'))
+        connection.commit()
+    for statement in (cache._s.expire_batch, cache._s.cleanup_mine):
+        compiled = statement.compile(dialect=engine.dialect, schema_translate_map={None: schema},
+                                     render_schema_translate=True)
+        with engine.connect() as connection:
+            plan = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.construct_params({"batch": 100}))
+            lines = "\n".join(row[0] for row in plan)
+        assert "cache_expires_at_idx" in lines and "Seq Scan" not in lines, lines
+    assert cache.cleanup() == 100
