@@ -14,6 +14,7 @@ gets every connection back after each call.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import weakref
@@ -95,9 +96,11 @@ class ConnectionLeases:
                 connection = self._idle.pop()
             except IndexError:
                 return self._from_pool()
-            if not _hung_up(connection):
+            # An idle connection has nothing to read: a readable socket means the server hung up
+            # (restart, crash, terminated backend); the pool replaces it, and the loop checks the next.
+            if not socket_closed(connection.dbapi_connection):
                 return connection
-            self._discard(connection)
+            connection.invalidate()  # also checks it back in
 
     def release(self, connection) -> None:
         """Keep `connection` idle for the next call, or give it back to the pool."""
@@ -131,9 +134,19 @@ class ConnectionLeases:
         self._closed = True
         self.drain()
 
+    @contextlib.contextmanager
     def waiting(self):
-        """Context manager around a wait in the pool: meanwhile, released connections go to the pool."""
-        return _Waiting(self)
+        """Around a wait in the pool: meanwhile, released connections go to the pool, not the idle stack.
+
+        Announce-then-check with release(): whichever of the two runs second sees the other.
+        """
+        with self._lock:
+            self._waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def _from_pool(self):
         # raw_connection() lets a refused connection out as the bare driver error; wrap it for translate().
@@ -146,10 +159,6 @@ class ConnectionLeases:
         except dbapi_error as error:
             raise sa_exc.DBAPIError.instance(None, None, error, dbapi_error, dialect=self.engine.dialect) from None
 
-    def _discard(self, connection) -> None:
-        # The server closed it while idle (restart, crash, terminated backend); acquire() checks the next one too.
-        connection.invalidate()  # checks it back in, to be replaced by the pool
-
     def _forget(self) -> None:
         # In a forked child: the idle connections' sockets belong to the parent; never touch them.
         self._idle = collections.deque()
@@ -159,26 +168,8 @@ class ConnectionLeases:
             self.engine.dispose(close=False)
 
 
-class _Waiting:
-    # Announce-then-check with release(): whichever runs second sees the other (see release()).
-    def __init__(self, leases: ConnectionLeases):
-        self._leases = leases
-
-    def __enter__(self):
-        with self._leases._lock:
-            self._leases._waiting += 1
-
-    def __exit__(self, *exc):
-        with self._leases._lock:
-            self._leases._waiting -= 1
-
-
-def _hung_up(connection) -> bool:
-    # An idle connection has nothing to read: if its socket is readable, the server is gone.
-    return socket_closed(connection.dbapi_connection)
-
-
 def _forget_in_child() -> None:
+    # os.register_at_fork wants a plain function; every Engine's leases forget the parent's connections.
     for leases in list(_registry.values()):
         leases._forget()
 
