@@ -467,14 +467,19 @@ class Cache:
                         driver.autocommit = autocommit
                     self._leases.release(pooled)
 
-    def _run(self, pooled, dialect, statement, params, consume):
-        # The statement is compiled once per dialect and executed on the driver's own
-        # cursor: SQLAlchemy's per-call execution machinery cost 2x the round trip itself
-        # on loopback (benchmarks/), while the SQL stays the Core statement above.
+    def _compile(self, statement, dialect):
+        """`statement` as this cache sends it on `dialect`: its schema rendered in, compiled once."""
         compiled = self._compiled.get((statement, dialect))
         if compiled is None:
             compiled = self._compiled[(statement, dialect)] = statement.compile(
                 dialect=dialect, schema_translate_map={None: self.schema}, render_schema_translate=True)
+        return compiled
+
+    def _run(self, pooled, dialect, statement, params, consume):
+        # The statement is compiled once per dialect and executed on the driver's own
+        # cursor: SQLAlchemy's per-call execution machinery cost 2x the round trip itself
+        # on loopback (benchmarks/), while the SQL stays the Core statement above.
+        compiled = self._compile(statement, dialect)
         values = compiled.construct_params(params)
         cursor = pooled.cursor()
         try:

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 
@@ -63,6 +64,44 @@ def schema(engine, empty_schema):
 @pytest.fixture
 def cache(engine, schema):
     return Cache(engine, schema=schema)
+
+
+@pytest.fixture
+def explain(engine):
+    """explain(cache, statement, params): the plan of the SQL `cache` really sends for `statement`."""
+
+    def plan(cache, statement, params) -> str:
+        compiled = cache._compile(statement, engine.dialect)
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.construct_params(params))
+            return "\n".join(row[0] for row in rows)
+
+    return plan
+
+
+@pytest.fixture
+def in_threads():
+    """in_threads(work, count, timeout): run work(0..count-1) in threads; the errors they raised,
+    and a hang as an error of its own, so `== []` names what went wrong."""
+
+    def run_all(work, count: int, timeout: float) -> list:
+        errors = []
+
+        def run(index):
+            try:
+                work(index)
+            except Exception as error:  # collected, so the caller's assertion names it
+                errors.append(error)
+
+        workers = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout)
+        hung = [worker.name for worker in workers if worker.is_alive()]
+        return errors + ([TimeoutError(f"threads still running after {timeout} s: {hung}")] if hung else [])
+
+    return run_all
 
 
 @pytest.fixture(scope="session")

@@ -463,17 +463,7 @@ def test_errors_do_not_carry_cached_values(engine, schema):
     assert raised.value.__cause__ is not raised.value
 
 
-def _plan(engine, cache, statement, params) -> str:
-    # The plan of the SQL the cache really sends (compiled as it compiles it), with these parameters.
-    compiled = statement.compile(dialect=engine.dialect, schema_translate_map={None: cache.schema},
-                                 render_schema_translate=True)
-    with engine.connect() as connection:
-        cursor = connection.connection.cursor()
-        cursor.execute("EXPLAIN " + compiled.string, compiled.construct_params(params))
-        return "\n".join(row[0] for row in cursor.fetchall())
-
-
-def test_reads_use_the_primary_key_without_a_user_id(engine, cache):
+def test_reads_use_the_primary_key_without_a_user_id(engine, cache, explain):
     # Regression: current_user (a `name`, collated "C") against the "default"-collated user_id kept the
     # index out, and every get and get_many scanned the whole table (3.5 ms at 50,000 rows).
     for batch in range(10):
@@ -485,6 +475,6 @@ def test_reads_use_the_primary_key_without_a_user_id(engine, cache):
 
     for statement, params in [(cache._s.get, {"k": "row:3:3"}), (cache._s.exists, {"k": "row:3:3"}),
                               (cache._s.get_many, {"ks": _text_array(f"row:3:{i}" for i in range(100))})]:
-        plan = _plan(engine, cache, statement, params)
+        plan = explain(cache, statement, params)
         assert "Seq Scan" not in plan and "user_id =" in plan.split("Index Cond:")[1], plan
     assert cache.get("row:3:3") == 3 and len(cache.get_many([f"row:3:{i}" for i in range(100)])) == 100

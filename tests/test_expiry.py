@@ -132,7 +132,7 @@ def test_the_check_for_max_entries_runs_rarely_for_large_caps():
     assert due[-1].trim == 10_000 and due[-1].expire == 100
 
 
-def test_expiry_batch_uses_the_expires_at_index(engine, schema):
+def test_expiry_batch_uses_the_expires_at_index(engine, schema, explain):
     # A role's many live rows and a few expired ones: the batch must find the expired ones
     # through the partial expires_at index, not by walking the role's rows or the table.
     cache = Cache(engine, schema=schema, expire_every=None)
@@ -144,10 +144,6 @@ def test_expiry_batch_uses_the_expires_at_index(engine, schema):
         connection.execute(text(f'ANALYZE "{schema}".cache'))
         connection.commit()
     for statement in (cache._s.expire_batch, cache._s.cleanup_mine):
-        compiled = statement.compile(dialect=engine.dialect, schema_translate_map={None: schema},
-                                     render_schema_translate=True)
-        with engine.connect() as connection:
-            plan = connection.exec_driver_sql(f"EXPLAIN {compiled.string}", compiled.construct_params({"batch": 100}))
-            lines = "\n".join(row[0] for row in plan)
-        assert "cache_expires_at_idx" in lines and "Seq Scan" not in lines, lines
+        plan = explain(cache, statement, {"batch": 100})
+        assert "cache_expires_at_idx" in plan and "Seq Scan" not in plan, plan
     assert cache.cleanup() == 100

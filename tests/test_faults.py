@@ -39,7 +39,7 @@ def _eventually(read, expected, seconds=3.0):
 
 
 @pytest.mark.own_server
-def test_every_call_after_a_restart_succeeds(server, own_schema):
+def test_every_call_after_a_restart_succeeds(server, own_schema, in_threads):
     with FastPgCache(url=server.url, schema=own_schema, minconn=4, maxconn=4) as cache:
         cache.set("k", "v")
         assert cache.incr("n") == 1
@@ -55,7 +55,7 @@ def test_every_call_after_a_restart_succeeds(server, own_schema):
                 assert cache.get(f"t{i}:{j}") == j
                 cache.incr("shared")
 
-        assert _in_threads(busy, 8, timeout=30) == []
+        assert in_threads(busy, 8, timeout=30) == []
         assert cache.get("shared") == 40
 
 
@@ -130,25 +130,6 @@ def _backend_waiting_on_a_lock(engine, schema, outcome, seconds=15.0) -> int:
     raise AssertionError(f"the cache's statement never waited on the lock; the call gave {outcome}")
 
 
-def _in_threads(work, count: int, timeout: float) -> list:
-    # Run work(0..count-1) in threads; returns the errors they raised, or a hang as an error of its own.
-    errors = []
-
-    def run(index):
-        try:
-            work(index)
-        except Exception as error:  # collected, so the caller's assertion names it
-            errors.append(error)
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout)
-    hung = [worker.name for worker in workers if worker.is_alive()]
-    return errors + ([TimeoutError(f"threads still running after {timeout} s: {hung}")] if hung else [])
-
-
 def _in_thread(call):
     # Run `call` in a thread; returns (thread, outcome) where outcome fills with its result or error.
     outcome = {}
@@ -214,7 +195,7 @@ def test_an_exhausted_pool_makes_callers_wait_then_fail_clearly(pg_url, schema):
         assert cache.set("k", 1) is True
 
 
-def test_more_threads_than_connections_all_finish(pg_url, schema):
+def test_more_threads_than_connections_all_finish(pg_url, schema, in_threads):
     with FastPgCache(url=pg_url, schema=schema, minconn=1, maxconn=2, pool_timeout=20,
                      use_cuckoo_filter=False) as cache:
         def work(i):
@@ -223,7 +204,7 @@ def test_more_threads_than_connections_all_finish(pg_url, schema):
                 cache.get_or_set(f"shared:{j}", lambda: j)
                 cache.incr("total")
 
-        assert _in_threads(work, 12, timeout=60) == []
+        assert in_threads(work, 12, timeout=60) == []
         assert cache.get("total") == 120
 
 

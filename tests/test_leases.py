@@ -24,24 +24,6 @@ def _backends(engine, name: str) -> list[int]:
                                        {"n": name}).scalars())
 
 
-def _run_threads(work, count: int) -> list[BaseException]:
-    errors = []
-
-    def run(index):
-        try:
-            work(index)
-        except BaseException as error:  # collected for the assertion
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not any(thread.is_alive() for thread in threads), "a worker hung"
-    return errors
-
-
 def test_the_client_keeps_one_idle_connection_checked_out_and_close_returns_it(engine, pg_url, schema):
     url, name = _named(pg_url)
     cache = FastPgCache(url=url, schema=schema, minconn=2, maxconn=3, use_cuckoo_filter=False)
@@ -58,7 +40,7 @@ def test_the_client_keeps_one_idle_connection_checked_out_and_close_returns_it(e
     assert _backends(engine, name) == []
 
 
-def test_a_cache_on_your_own_engine_gives_every_connection_back(engine, schema):
+def test_a_cache_on_your_own_engine_gives_every_connection_back(engine, schema, in_threads):
     cache = Cache(engine, schema=schema)
 
     def work(i):
@@ -66,17 +48,17 @@ def test_a_cache_on_your_own_engine_gives_every_connection_back(engine, schema):
             cache.set(f"t{i}:{j}", j)
             assert cache.get(f"t{i}:{j}") == j
 
-    assert _run_threads(work, 6) == []
+    assert in_threads(work, 6, timeout=60) == []
     assert engine.pool.checkedout() == 0  # nothing of the application's pool is held between calls
 
 
-def test_the_framework_backends_engine_keeps_its_idle_connections_too(engine, pg_url, schema):
+def test_the_framework_backends_engine_keeps_its_idle_connections_too(engine, pg_url, schema, in_threads):
     from fastpgcache.contrib import shared_engine
 
     url, name = _named(pg_url)
     framework_engine = shared_engine(url, {"pool_size": 2, "max_overflow": 0})
     cache = Cache(framework_engine, schema=schema)
-    errors = _run_threads(lambda i: [cache.set(f"f{i}:{j}", j) for j in range(30)], 6)
+    errors = in_threads(lambda i: [cache.set(f"f{i}:{j}", j) for j in range(30)], 6, timeout=60)
     assert errors == []
     assert framework_engine.pool.checkedout() <= 2 and len(_backends(engine, name)) <= 2
     assert cache.get("f5:29") == 29
@@ -84,7 +66,7 @@ def test_the_framework_backends_engine_keeps_its_idle_connections_too(engine, pg
     framework_engine.dispose()
 
 
-def test_more_threads_than_connections_each_get_one_in_turn(engine, pg_url, schema):
+def test_more_threads_than_connections_each_get_one_in_turn(engine, pg_url, schema, in_threads):
     # Callers blocked in the pool must be handed connections that other calls release; a short
     # pool_timeout turns a starved waiter into a CacheTimeoutError this test would collect.
     url, name = _named(pg_url)
@@ -107,7 +89,7 @@ def test_more_threads_than_connections_each_get_one_in_turn(engine, pg_url, sche
                 cache.incr("total")
 
         try:
-            errors = _run_threads(work, 12)
+            errors = in_threads(work, 12, timeout=60)
         finally:
             stop.set()
             watcher.join()
@@ -116,7 +98,7 @@ def test_more_threads_than_connections_each_get_one_in_turn(engine, pg_url, sche
         assert max(seen) <= 2
 
 
-def test_the_clients_engine_hands_out_its_idle_connection_to_anyone(pg_url, schema):
+def test_the_clients_engine_hands_out_its_idle_connection_to_anyone(pg_url, schema, in_threads):
     # cache.bind.connect() and the calls of the cache take turns on maxconn=1, neither waiting for
     # pool_timeout: a checkout from the pool takes the idle connection back, and while someone waits
     # in the pool, released connections go there instead of to the idle stack.
@@ -141,7 +123,7 @@ def test_the_clients_engine_hands_out_its_idle_connection_to_anyone(pg_url, sche
             finally:
                 stop.set()
 
-        assert _run_threads(lambda i: calls(i) if i else direct(i), 3) == []
+        assert in_threads(lambda i: calls(i) if i else direct(i), 3, timeout=60) == []
         assert cache.get_or_set("fresh", lambda: "computed") == "computed"  # its lock takes a pooled connection
 
 
