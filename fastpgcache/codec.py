@@ -12,7 +12,8 @@ TEXT = 1  # str, UTF-8
 JSON = 2  # int, float, bool, None, dict, list
 PICKLE = 3  # anything else, only when the caller opted in
 
-_SCALARS = frozenset({str, int, float, bool, type(None)})
+_SCALAR_TYPES = (str, bool, int, float, type(None))
+_SCALARS = frozenset(_SCALAR_TYPES)
 """Exact types JSON stores as themselves; checked by type first, since this runs on every set()."""
 
 # One encoder for every call: json.dumps() with options would build a new one each time.
@@ -59,7 +60,7 @@ def _check_json(value) -> None:
         for item in value:
             if type(item) not in _SCALARS:
                 _check_json(item)
-    elif not isinstance(value, (str, bool, int, float, type(None))):
+    elif not isinstance(value, _SCALAR_TYPES):
         _refuse(value)
 
 
