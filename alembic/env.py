@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy import exc as sa_exc
 
 from fastpgcache.admin import KEEP_SCHEMA, VERSION_TABLE, MigrationOptions
+from fastpgcache.catalog import SEARCH_PATH
 from fastpgcache.errors import sqlstate
 
 config = context.config
@@ -26,6 +27,9 @@ DEPENDENT_OBJECTS_STILL_EXIST = "2BP01"
 
 def _configure_and_run(connection):
     quoted_schema = connection.dialect.identifier_preparer.quote(options.schema)
+    # Names the migrations leave unqualified (types, operators, functions) resolve in pg_catalog
+    # only: an object another role planted on the admin's search path is never picked up.
+    connection.execute(text(SEARCH_PATH))
     # The version table lives in the schema, so the schema must exist first.
     connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quoted_schema}"))
     context.configure(

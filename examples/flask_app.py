@@ -6,6 +6,7 @@ cache writes that commit or roll back with the request's Flask-SQLAlchemy transa
 
 Uses FASTPGCACHE_URL, or a throwaway embedded PostgreSQL when it is not set.
 """
+import os
 import time
 
 from flask import Blueprint, Flask, abort, request
@@ -36,7 +37,8 @@ def create_app(url: str | None = None) -> Flask:
     setup_cache(url=url)
     app = Flask(__name__)
     app.config.update(SQLALCHEMY_DATABASE_URI=url, CACHE_TYPE="fastpgcache.contrib.flask.FastPgCache",
-                      CACHE_DEFAULT_TIMEOUT=300, CACHE_KEY_PREFIX="example_")
+                      CACHE_DEFAULT_TIMEOUT=300, CACHE_KEY_PREFIX="example_",
+                      SECRET_KEY=os.environ.get("FLASK_SECRET_KEY", "example-only-not-secret"))  # signs cached pickles
     db.init_app(app)
     views.init_app(app)
     app.register_blueprint(routes)

@@ -6,21 +6,25 @@ import getpass
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, translate
-from .model import DEFAULT_SCHEMA, DEFAULT_TABLE
+from .catalog import SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, inspect_cache, read_limits
+from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, sqlstate, translate
+from .model import DEFAULT_OWNER, DEFAULT_SCHEMA, DEFAULT_TABLE, routine_name, secrets_table, settings_table, usage_table
 
-VERSION_TABLE = "fastpgcache_alembic_version"
-"""Alembic version table of the cache schema; never the application's `alembic_version`."""
+__all__ = ["VERSION_TABLE", "MigrationOptions", "cache_status", "main", "migrations_dir", "set_logged", "setup_cache"]
 
 KEEP_SCHEMA = "fastpgcache_keep_schema"
 """`config.attributes` flag: a downgrade run by setup (forced or repair) keeps the schema and its grants."""
+
+LOCK_WAIT_SECONDS = 10.0
+"""How long setup waits for any lock (another admin's, or a session reading the table) before giving up."""
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -33,14 +37,32 @@ NAME_RULE = (f"use [A-Za-z_][A-Za-z0-9_]* (ASCII letters, digits, underscores; n
              f"schema at most {MAX_SCHEMA_LENGTH} characters, table at most {MAX_TABLE_LENGTH}")
 
 
+def quote_role(name: str) -> str:
+    """A role name as a quoted identifier. Not the dialect's quoting, which doubles '%' for the driver
+    (so `app%s` became the role `app%%s`): `run_ddl` escapes a statement's '%' once, at the end."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def run_ddl(connection: Connection, statement: str) -> None:
+    """Run a statement that takes no parameters, its '%' (role names, RAISE formats) kept as written."""
+    connection.exec_driver_sql(statement.replace("%", "%%"))
+
+
+def _check_role_name(kind: str, role) -> None:
+    # Role names are quoted wherever they appear, so any 1-63 bytes without NUL work ('%' too).
+    if not isinstance(role, str) or not role or "\x00" in role or len(role.encode()) > 63:
+        raise ValueError(f"invalid {kind} role name {role!r}: use 1-63 bytes without NUL")
+
+
 @dataclass(frozen=True)
 class MigrationOptions:
-    """What the migrations create: schema, table name, logged or not, and who may use it."""
+    """What the migrations create: schema, table name, logged or not, who owns it and who may use it."""
 
     schema: str = DEFAULT_SCHEMA
     table: str = DEFAULT_TABLE
     logged: bool = False
     grant_to: str | None = None
+    owner: str = DEFAULT_OWNER
     url: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -48,19 +70,21 @@ class MigrationOptions:
                                     ("table", self.table, MAX_TABLE_LENGTH)):
             if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or len(name) > longest:
                 raise ValueError(f"invalid {kind} name {name!r}: {NAME_RULE}")
-        role = self.grant_to
-        if role is not None and (not isinstance(role, str) or not role or "\x00" in role
-                                 or len(role.encode()) > 63):
-            raise ValueError(f"invalid role name {role!r}: use 1-63 bytes without NUL")
+        if self.grant_to is not None:
+            _check_role_name("--grant-to", self.grant_to)
+        _check_role_name("owner", self.owner)
+        if self.owner.lower() == "public":
+            raise ValueError("the owner must be a role of its own, not PUBLIC")
 
     @classmethod
     def from_x_arguments(cls, x: dict) -> "MigrationOptions":
-        """From `alembic -x schema=... -x table=... -x logged=true -x grant_to=ROLE`.
+        """From `alembic -x schema=... -x table=... -x logged=true -x grant_to=ROLE -x owner=ROLE`.
 
         `-x url=...` is still read, but a command line is visible in `ps`: prefer FASTPGCACHE_URL.
         """
         return cls(schema=x.get("schema", DEFAULT_SCHEMA), table=x.get("table", DEFAULT_TABLE),
-                   logged=x.get("logged", "false").lower() in _TRUE, grant_to=x.get("grant_to"), url=x.get("url"))
+                   logged=x.get("logged", "false").lower() in _TRUE, grant_to=x.get("grant_to"),
+                   owner=x.get("owner", DEFAULT_OWNER), url=x.get("url"))
 
     @staticmethod
     def quote(dialect, name: str) -> str:
@@ -69,11 +93,11 @@ class MigrationOptions:
     def qualified_table(self, dialect) -> str:
         return f"{self.quote(dialect, self.schema)}.{self.quote(dialect, self.table)}"
 
-    def grant_statements(self, dialect) -> list[str]:
-        """The grants that let ordinary roles use the cache (row-level security keeps them apart)."""
-        grantee = "PUBLIC" if self.grant_to in (None, "PUBLIC", "public") else self.quote(dialect, self.grant_to)
-        return [f"GRANT USAGE ON SCHEMA {self.quote(dialect, self.schema)} TO {grantee}",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON {self.qualified_table(dialect)} TO {grantee}"]
+    def grantee(self, dialect) -> str:
+        """The role named by grant_to, quoted, or PUBLIC."""
+        if self.grant_to is None or self.grant_to.upper() == "PUBLIC":
+            return "PUBLIC"
+        return quote_role(self.grant_to)
 
 
 def migrations_dir() -> Path:
@@ -93,37 +117,99 @@ def _alembic(connection: Connection, options: MigrationOptions):
     return config
 
 
-def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table: str = DEFAULT_TABLE) -> dict:
-    """Whether the cache table exists, is UNLOGGED, has row-level security, and its migration revision."""
+def head_revision() -> str:
+    """The newest migration's revision id."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table: str = DEFAULT_TABLE,
+                 owner: str = DEFAULT_OWNER) -> dict:
+    """Where the cache table stands: exists, UNLOGGED, row-level security, revision, owner, grants,
+    limits, and `problems` (objects setup would refuse to trust) and `warnings`.
+
+    Only the catalogs are read until every object is known to belong to a trusted role::
+
+        cache_status(engine, "public")["revision"]   # '0004_write_functions'
+    """
     if isinstance(bind, Engine):
         try:
             with bind.connect() as connection:
-                return cache_status(connection, schema, table)
+                return cache_status(connection, schema, table, owner)
         except sa_exc.DBAPIError as error:
             raise_translated(error, f"{schema}.{table}")
-    row = bind.execute(text(
-        "SELECT c.relpersistence, c.relrowsecurity FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = :schema AND c.relname = :table AND c.relkind = 'r'"), {"schema": schema, "table": table}
-    ).first()
+    catalog = inspect_cache(bind, schema, table, owner)
+    entries, version = catalog.entries, catalog.relation("version")
+    trusted_version = version is not None and version.relkind == "r" and version.owner in catalog.trusted \
+        and not any(trigger.relname == VERSION_TABLE for trigger in catalog.triggers)
     revision = None
-    if inspect(bind).has_table(VERSION_TABLE, schema=schema):
+    if trusted_version:
         quoted = f"{bind.dialect.identifier_preparer.quote(schema)}.{VERSION_TABLE}"
         revision = bind.execute(text(f"SELECT version_num FROM {quoted}")).scalar()
-    return {"schema": schema, "table": table, "exists": row is not None,
-            "unlogged": bool(row and row.relpersistence == "u"), "row_level_security": bool(row and row.relrowsecurity),
-            "revision": revision}
+    problems = catalog.problems(revision_at_head=revision == head_revision())
+    status = {"schema": schema, "table": table, "exists": entries is not None and entries.relkind == "r",
+              "unlogged": bool(entries and entries.relpersistence == "u"),
+              "row_level_security": bool(entries and entries.relrowsecurity),
+              "forced_row_level_security": bool(entries and entries.relforcerowsecurity),
+              "revision": revision, "owner": entries.owner if entries else None,
+              "grants": entries.acl if entries else None, "problems": problems, "warnings": [], "limits": {}}
+    if catalog.public_may_create:
+        status["warnings"].append(f"PUBLIC may CREATE in schema {schema}, so any role can plant functions there; "
+                                  f"run: REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC")
+    if catalog.write_grants():
+        status["warnings"].append("roles may write the table directly, bypassing the write functions and "
+                                  f"their limits: {', '.join(catalog.write_grants())}; rerun fastpgcache-admin")
+    role = catalog.role
+    if role is not None:
+        status["owner_role"] = {"name": role.rolname, "login": role.rolcanlogin, "members": role.members}
+        if role.rolcanlogin or role.rolsuper:
+            status["warnings"].append(f"the owner role {role.rolname} can log in or is a superuser; "
+                                      f"make it NOLOGIN NOSUPERUSER")
+    settings = catalog.relation("settings")
+    if settings is not None and not problems and settings.owner in catalog.trusted:
+        quote = bind.dialect.identifier_preparer.quote
+        status["limits"] = read_limits(bind, f"{quote(schema)}.{quote(settings.relname)}")
+    return status
 
 
-def _upgrade(connection: Connection, options: MigrationOptions, force: bool) -> None:
+def _take_admin_lock(connection: Connection, lock_wait: float) -> None:
+    # Two admins running setup at once take turns instead of racing on CREATE TABLE. Any role may
+    # take any advisory lock, so the wait is bounded and the error says who holds it.
+    deadline = time.monotonic() + lock_wait
+    while not connection.execute(text(
+            "SELECT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('fastpgcache-admin'))")).scalar():
+        if time.monotonic() >= deadline:
+            holder = connection.execute(text(
+                "SELECT a.pid, a.usename FROM pg_catalog.pg_locks AS l JOIN pg_catalog.pg_stat_activity AS a"
+                " ON a.pid OPERATOR(pg_catalog.=) l.pid WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'"
+                " AND l.granted AND l.objid OPERATOR(pg_catalog.=) CAST(pg_catalog.hashtext('fastpgcache-admin')"
+                " AS pg_catalog.oid) LIMIT 1")).first()
+            who = f"backend {holder.pid} (role {holder.usename})" if holder else "another session"
+            raise CacheError(f"another fastpgcache-admin seems to be running: {who} has held its lock for "
+                             f"{lock_wait:g} s; retry when it is done, or end that session "
+                             "(SELECT pg_terminate_backend(pid))")
+        time.sleep(0.05)
+
+
+def _upgrade(connection: Connection, options: MigrationOptions, force: bool, lock_wait: float) -> None:
     from alembic import command
 
-    # Two admins running setup at once take turns instead of racing on CREATE TABLE.
-    connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('fastpgcache-admin'))"))
-    status = cache_status(connection, options.schema, options.table)
+    connection.execute(text(SEARCH_PATH))
+    connection.execute(text("SELECT pg_catalog.set_config('lock_timeout', :ms, true)"),
+                       {"ms": str(max(1, round(lock_wait * 1000)))})
+    _take_admin_lock(connection, lock_wait)
+    status = cache_status(connection, options.schema, options.table, options.owner)
+    if status["problems"]:
+        extra = len(status["problems"]) - 1
+        raise CacheError("refusing to set up: " + status["problems"][0] + (f" (and {extra} more)" if extra else ""))
     config = _alembic(connection, options)
     if status["revision"] and (force or not status["exists"]):
         # Forced, or the table was dropped by hand while its revision stayed recorded:
-        # undo what the migrations left (history, trigger function), then build it again.
+        # undo what the migrations left (history, functions), then build it again.
         command.downgrade(config, "base")
     elif status["exists"] and not status["revision"]:
         if not force:
@@ -134,12 +220,120 @@ def _upgrade(connection: Connection, options: MigrationOptions, force: bool) -> 
     if force:
         connection.execute(text(f"DROP TABLE IF EXISTS {options.qualified_table(connection.dialect)}"))
     command.upgrade(config, "head")
-    current = cache_status(connection, options.schema, options.table)
+    current = cache_status(connection, options.schema, options.table, options.owner)
     if current["unlogged"] == options.logged:
         set_logged(connection, options.logged, options.schema, options.table)
     if options.grant_to:
-        for statement in options.grant_statements(connection.dialect):
-            connection.execute(text(statement))
+        grant(connection, options)
+
+
+def grant(connection: Connection, options: MigrationOptions) -> None:
+    """Let `options.grant_to` (a role, or PUBLIC) use the cache; naming a role takes PUBLIC's use away.
+
+    Roles granted earlier keep their use. Ordinary roles get exactly: SELECT on the
+    table (row-level security shows each its own rows), their own secret, the
+    limits, and EXECUTE on the write functions; nobody but the owner may write
+    the tables directly.
+    """
+    dialect = connection.dialect
+    grantees = set(readers(connection, options))
+    new = options.grantee(dialect)
+    grantees.add(new)
+    if new != "PUBLIC":
+        grantees.discard("PUBLIC")
+    for statement in privilege_statements(connection, options, sorted(grantees)):
+        run_ddl(connection, statement)
+
+
+_GRANTEES = text(
+    "SELECT DISTINCT CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'"
+    "                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END"
+    "  FROM pg_catalog.pg_class AS c, pg_catalog.aclexplode(c.relacl) AS a"
+    " WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(:table)"
+    "   AND (a.privilege_type OPERATOR(pg_catalog.=) 'SELECT' OR NOT :readers)"
+    "   AND a.grantee OPERATOR(pg_catalog.<>) c.relowner")
+
+
+def readers(connection: Connection, options: MigrationOptions) -> list[str]:
+    """Roles (quoted) and PUBLIC that may read the cache table now; the owner is not among them."""
+    return sorted(connection.execute(_GRANTEES, {"table": options.qualified_table(connection.dialect),
+                                                 "readers": True}).scalars())
+
+
+def _privileged(connection: Connection, options: MigrationOptions) -> list[str]:
+    # Roles holding any privilege on the cache table, writes included.
+    return sorted(connection.execute(_GRANTEES, {"table": options.qualified_table(connection.dialect),
+                                                 "readers": False}).scalars())
+
+
+def privilege_statements(connection: Connection, options: MigrationOptions, grantees: list[str]) -> list[str]:
+    """REVOKE then GRANT statements leaving `grantees` (quoted, or PUBLIC) exactly the privileges they need."""
+    quote = connection.dialect.identifier_preparer.quote
+    schema = quote(options.schema)
+    relations = [options.qualified_table(connection.dialect)] + [
+        f"{schema}.{quote(table(options.table).name)}" for table in (secrets_table, settings_table, usage_table)]
+    everyone = set(grantees) | set(_privileged(connection, options)) | {"PUBLIC"}
+    functions = connection.execute(text(
+        "SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text, p.proname FROM pg_catalog.pg_proc AS p"
+        " WHERE p.pronamespace OPERATOR(pg_catalog.=) CAST(:schema AS pg_catalog.regnamespace)"
+        "   AND p.proname OPERATOR(pg_catalog.~~) :prefix"), {"schema": options.schema,
+                                                               "prefix": options.table.replace("_", "\\_") + "\\_%"})
+    public_verbs = {routine_name(options.table, verb) for verb in WRITE_VERBS}
+    ours = [(signature, name in public_verbs) for signature, name in functions
+            if name.startswith(options.table + "_")]
+    statements = [f"REVOKE ALL ON {relation} FROM {role}" for relation in relations for role in sorted(everyone)]
+    statements += [f"REVOKE ALL ON FUNCTION {signature} FROM {role}" for signature, _ in ours
+                   for role in sorted(everyone)]
+    for role in grantees:
+        if role != "PUBLIC" or options.schema != "public":
+            statements.append(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        statements += [f"GRANT SELECT ON {relations[0]} TO {role}",
+                       f"GRANT SELECT, INSERT (user_id) ON {relations[1]} TO {role}",
+                       f"GRANT SELECT ON {relations[2]} TO {role}", f"GRANT SELECT ON {relations[3]} TO {role}"]
+        statements += [f"GRANT EXECUTE ON FUNCTION {signature} TO {role}" for signature, public in ours if public]
+    if "PUBLIC" not in grantees and options.schema != "public":
+        statements.append(f"REVOKE USAGE ON SCHEMA {schema} FROM PUBLIC")
+    return statements
+
+
+def set_limits(connection: Connection, options: MigrationOptions, *, max_value_bytes: int | None = None,
+               quota_entries: int | None = None, quota_bytes: int | None = None) -> None:
+    """Change the limits the write functions enforce; None keeps a limit, a quota of 0 removes it.
+
+    Turning a quota on counts every role's entries and bytes first, with the table
+    locked against writes for that moment, so the counts start exact.
+    """
+    for name, value in (("max_value_bytes", max_value_bytes), ("quota_entries", quota_entries),
+                        ("quota_bytes", quota_bytes)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0
+                                  or (name == "max_value_bytes" and value == 0)):
+            raise ValueError(f"{name} must be a positive int{' (0 removes the quota)' if 'quota' in name else ''}; "
+                             f"got {value!r}")
+    if max_value_bytes is None and quota_entries is None and quota_bytes is None:
+        return
+    quote = connection.dialect.identifier_preparer.quote
+    schema = quote(options.schema)
+    settings = f"{schema}.{quote(settings_table(options.table).name)}"
+    usage = f"{schema}.{quote(usage_table(options.table).name)}"
+    table = options.qualified_table(connection.dialect)
+    before = read_limits(connection, settings)
+    had_quota = before.get("quota_entries") is not None or before.get("quota_bytes") is not None
+    connection.execute(text(
+        f"UPDATE {settings} SET max_value_bytes = coalesce(:max_value, max_value_bytes),"
+        " quota_entries = CASE WHEN :entries IS NULL THEN quota_entries ELSE NULLIF(:entries, 0) END,"
+        " quota_bytes = CASE WHEN :bytes IS NULL THEN quota_bytes ELSE NULLIF(:bytes, 0) END"),
+        {"max_value": max_value_bytes, "entries": quota_entries, "bytes": quota_bytes})
+    after = read_limits(connection, settings)
+    has_quota = after["quota_entries"] is not None or after["quota_bytes"] is not None
+    if has_quota and not had_quota:
+        connection.execute(text(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"))
+        connection.execute(text(f"DELETE FROM {usage}"))
+        connection.execute(text(
+            f"INSERT INTO {usage} (user_id, entries, bytes) SELECT user_id, count(*),"
+            f" sum(pg_catalog.octet_length(key) OPERATOR(pg_catalog.+) pg_catalog.octet_length(value))"
+            f" FROM {table} GROUP BY user_id"))
+    elif had_quota and not has_quota:
+        connection.execute(text(f"DELETE FROM {usage}"))
 
 
 def set_logged(bind: Engine | Connection, logged: bool, schema: str = DEFAULT_SCHEMA,
@@ -156,19 +350,24 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
                 password: str | None = None, schema: str = DEFAULT_SCHEMA, *, port: int = 5432,
                 url: str | None = None, engine: Engine | None = None, table: str = DEFAULT_TABLE,
                 force: bool = False, logged: bool | None = None, grant_to: str | None = None,
-                token_provider=None) -> dict:
+                owner: str = DEFAULT_OWNER, max_value_bytes: int | None = None, quota_entries: int | None = None,
+                quota_bytes: int | None = None, lock_wait: float = LOCK_WAIT_SECONDS, token_provider=None) -> dict:
     """Create or upgrade the cache table through its Alembic migrations; safe to run again.
 
     Keeps existing rows unless `force=True`, which drops and recreates the table.
     `logged=True/False` creates, or switches an existing table to, LOGGED/UNLOGGED
-    (None keeps what exists, UNLOGGED for a new table). Returns `cache_status()`::
+    (None keeps what exists, UNLOGGED for a new table). `owner` is the NOLOGIN role
+    that owns everything (created if missing). Limits: `max_value_bytes` (1 MiB for
+    a new table), `quota_entries` and `quota_bytes` per role (0 removes a quota;
+    None keeps what is set). Every lock is waited for at most `lock_wait` seconds.
+    Returns `cache_status()`::
 
         from fastpgcache import setup_cache
-        setup_cache(url="postgresql://admin@db/app", schema="cache")
+        setup_cache(url="postgresql://admin@db/app", schema="cache", quota_bytes=100_000_000)
     """
     from .client import build_url
 
-    options = MigrationOptions(schema=schema, table=table, grant_to=grant_to)  # bad names fail before any SQL
+    options = MigrationOptions(schema=schema, table=table, grant_to=grant_to, owner=owner)  # bad names: no SQL
     owns = engine is None
     if engine is None:
         engine = create_engine(build_url(url=url, host=host, port=port, database=database, user=user,
@@ -179,15 +378,20 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
             attach(engine, token_provider)
     try:
         with engine.connect() as probe:
-            existing = cache_status(probe, schema, table)
+            probe.execute(text(SEARCH_PATH))
+            existing = cache_status(probe, schema, table, owner)
         keep = existing["exists"] and not force
         options = replace(options, logged=(not existing["unlogged"]) if keep and logged is None else bool(logged))
         try:
-            with engine.begin() as connection:
-                _upgrade(connection, options, force)
+            # One transaction for the whole setup, even on an AUTOCOMMIT engine (the framework backends').
+            with engine.connect().execution_options(isolation_level="READ COMMITTED") as connection, \
+                    connection.begin():
+                _upgrade(connection, options, force, lock_wait)
+                set_limits(connection, options, max_value_bytes=max_value_bytes, quota_entries=quota_entries,
+                           quota_bytes=quota_bytes)
         except sa_exc.DBAPIError as error:
             raise_translated(error, f"{schema}.{table}")
-        return cache_status(engine, schema, table)
+        return cache_status(engine, schema, table, owner)
     finally:
         if owns:
             engine.dispose()
@@ -196,13 +400,22 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
 # -- fastpgcache-admin -------------------------------------------------------------------
 
 def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --logged/--unlogged/--grant-to options, shared by fastpgcache-admin and Django's setup command."""
+    """The options shared by fastpgcache-admin and Django's setup command."""
     persistence = parser.add_mutually_exclusive_group()
     persistence.add_argument("--logged", dest="logged", action="store_const", const=True,
                              help="make the table LOGGED (survives crashes, slower writes)")
     persistence.add_argument("--unlogged", dest="logged", action="store_const", const=False,
                              help="make the table UNLOGGED (the default for a new table)")
-    parser.add_argument("--grant-to", metavar="ROLE", help="grant use of the cache to ROLE instead of PUBLIC")
+    parser.add_argument("--grant-to", metavar="ROLE",
+                        help="let ROLE use the cache, and take PUBLIC's use away (PUBLIC: everyone again)")
+    parser.add_argument("--owner", metavar="ROLE", default=DEFAULT_OWNER,
+                        help=f"NOLOGIN role owning the table and its functions (default {DEFAULT_OWNER}; "
+                        "created if missing)")
+    parser.add_argument("--max-value-bytes", type=int, metavar="N",
+                        help="largest value a write may store (default for a new table: 1048576)")
+    parser.add_argument("--quota-entries", type=int, metavar="N", help="most entries per role; 0 removes the quota")
+    parser.add_argument("--quota-bytes", type=int, metavar="N",
+                        help="most bytes of keys and values per role; 0 removes the quota")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -222,7 +435,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--table", default=DEFAULT_TABLE)
     parser.add_argument("--force", action="store_true", help="drop and recreate the table without asking")
     add_setup_arguments(parser)
-    parser.add_argument("--check", action="store_true", help="report the table's state; exit 1 if not set up")
+    parser.add_argument("--check", action="store_true",
+                        help="report the table's state, owner, grants and limits; exit 1 if not set up")
     parser.add_argument("--cleanup", action="store_true", help="delete every role's expired rows")
     parser.add_argument("--databricks", action="store_true", help="authenticate with Databricks OAuth tokens")
     parser.add_argument("--instance-name", help="Databricks database instance (with --databricks)")
@@ -253,12 +467,28 @@ def _engine_for(args) -> tuple[Engine, object]:
     return engine, provider
 
 
-def _describe(status: dict) -> str:
+def describe(status: dict) -> str:
+    """`--check`'s report: the state line first, then owner, grants, limits, problems and warnings."""
+    name = f"{status['schema']}.{status['table']}"
     if not status["exists"]:
-        return f"{status['schema']}.{status['table']}: not set up"
-    return (f"{status['schema']}.{status['table']}: exists, {'UNLOGGED' if status['unlogged'] else 'LOGGED'}, "
-            f"row-level security {'on' if status['row_level_security'] else 'OFF'}, "
-            f"revision {status['revision'] or 'none (not created by fastpgcache)'}")
+        lines = [f"{name}: not set up"]
+    else:
+        lines = [f"{name}: exists, {'UNLOGGED' if status['unlogged'] else 'LOGGED'}, "
+                 f"row-level security {'on' if status['row_level_security'] else 'OFF'}"
+                 f"{' (forced)' if status['forced_row_level_security'] else ''}, "
+                 f"revision {status['revision'] or 'none (not created by fastpgcache)'}"]
+        role = status.get("owner_role")
+        members = f"; members: {role['members']}" if role and role["members"] else "; no members"
+        lines.append(f"  owner: {status['owner']}" + (members if role and role["name"] == status["owner"] else ""))
+        lines.append(f"  grants: {status['grants'] or '(owner only)'}")
+    limits = status.get("limits")
+    if limits:
+        quota = ", ".join(f"{limits[k]} {k.split('_')[1]}" for k in ("quota_entries", "quota_bytes")
+                          if limits[k] is not None) or "none"
+        lines.append(f"  limits: values up to {limits['max_value_bytes']} bytes; quota per role: {quota}")
+    lines += [f"  problem: {problem}" for problem in status.get("problems", [])]
+    lines += [f"  warning: {warning}" for warning in status.get("warnings", [])]
+    return "\n".join(lines)
 
 
 def _run(args) -> int:
@@ -267,16 +497,18 @@ def _run(args) -> int:
     engine, provider = _engine_for(args)
     try:
         if args.check:
-            status = cache_status(engine, args.schema, args.table)
-            print(_describe(status))
-            return 0 if status["exists"] and status["revision"] else 1
+            status = cache_status(engine, args.schema, args.table, args.owner)
+            print(describe(status))
+            return 0 if status["exists"] and status["revision"] and not status["problems"] else 1
         if args.cleanup:
             removed = Cache(engine, schema=args.schema, table=args.table).cleanup(all_users=True)
             print(f"removed {removed} expired entries from {args.schema}.{args.table}")
             return 0
         status = setup_cache(engine=engine, schema=args.schema, table=args.table, force=args.force,
-                             logged=args.logged, grant_to=args.grant_to)
-        print(_describe(status))
+                             logged=args.logged, grant_to=args.grant_to, owner=args.owner,
+                             max_value_bytes=args.max_value_bytes, quota_entries=args.quota_entries,
+                             quota_bytes=args.quota_bytes)
+        print(describe(status))
         return 0
     finally:
         engine.dispose()

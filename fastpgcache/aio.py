@@ -15,8 +15,10 @@ try:
 except ImportError as missing:  # greenlet is not installed
     raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
 
-from .cache import _MISSING, Cache, _call_key, _check_wait, _negate, _pattern, normalize_ttl
+from .cache import _MISSING, Cache, _call_key, _check_wait, _negate
+from .keys import normalize_ttl, pattern_regex
 from .errors import check_positive_int, pool_timeout_error, raise_translated
+from .execution import _is_read
 from .failsafe import DATABASE_ERRORS
 
 
@@ -63,7 +65,6 @@ class AsyncCache(Cache):
             raise ValueError("AsyncCache has no negative-lookup guard (its filter is fed by blocking calls); "
                              "leave guard unset")
         super().__init__(bind, **options)
-        self._options = {"schema_translate_map": {None: self.schema}}
         if isinstance(bind, AsyncEngine):
             # As in Cache: one statement is atomic, so skip the BEGIN/COMMIT round trips.
             self._engine = bind.execution_options(isolation_level="AUTOCOMMIT")
@@ -90,7 +91,7 @@ class AsyncCache(Cache):
             if isinstance(self.bind, AsyncEngine):
                 return await self._execute_on_engine(statement, params, consume)
             connection = await self.bind.connection() if isinstance(self.bind, AsyncSession) else self.bind
-            return consume(await connection.execute(statement, params, execution_options=self._options))
+            return consume(await connection.execute(statement, params, ))
         except sa_exc.DBAPIError as error:
             raise_translated(error, self._where)
         except sa_exc.TimeoutError:
@@ -104,9 +105,9 @@ class AsyncCache(Cache):
         for attempt in (1, 2):
             try:
                 async with self._engine.connect() as connection:
-                    return consume(await connection.execute(statement, params, execution_options=self._options))
+                    return consume(await connection.execute(statement, params, ))
             except sa_exc.DBAPIError as error:
-                if attempt == 2 or not error.connection_invalidated or not statement.is_select:
+                if attempt == 2 or not error.connection_invalidated or not _is_read(statement):
                     raise
 
     # -- what is not a single operation ---------------------------------------------
@@ -115,13 +116,21 @@ class AsyncCache(Cache):
         """Subtract `amount` from the integer at `key`: `await cache.decr("stock")`."""
         return await self.incr(key, _negate(amount), create=create)
 
+    async def keys(self, pattern: str = "*") -> list[str]:
+        """Live keys matching a Redis glob pattern, sorted: `await cache.keys("user:*")`."""
+        return await self._keys_matching(pattern_regex(pattern))
+
+    async def clear(self, pattern: str | None = None) -> int | None:
+        """Remove every entry of this role, or those matching a glob: `await cache.clear("session:*")`."""
+        return await self._clear(None if pattern is None else pattern_regex(pattern))
+
     async def scan_iter(self, pattern: str = "*", batch_size: int = 1000) -> AsyncIterator[str]:
         """Iterate over matching live keys in key order::
 
             async for key in cache.scan_iter("user:*"):
                 ...
         """
-        regex, after = _pattern(pattern), ""
+        regex, after = pattern_regex(pattern), ""
         check_positive_int("batch_size", batch_size)
         while True:
             batch = await self._scan_batch(regex, after, batch_size)
@@ -144,26 +153,28 @@ class AsyncCache(Cache):
         if value is not _MISSING:
             return value
         if lock and isinstance(self.bind, AsyncEngine):
-            return await self._fill_locked(key, fn, ttl, wait)
+            return await self._fill_claimed(key, fn, ttl, wait)
         return await self._fill(key, fn, ttl)
 
     async def _fill(self, key, fn, ttl):
-        value = fn()
-        if inspect.isawaitable(value):
-            value = await value
+        value = await _computed(fn)
         await self.set(key, value, ttl)
         return value
 
-    async def _fill_locked(self, key, fn, ttl, wait):
-        # As Cache._fill_locked: the first caller computes under the key's advisory lock, the rest read its result.
+    async def _fill_claimed(self, key, fn, ttl, wait):
+        # As Cache._fill_claimed: the first caller computes under its claim on the key, the rest read its result.
+        if self._identity is None and await self._identity_now() is None:
+            return await self._fill(key, fn, ttl)  # failsafe answered for an unreachable database
         try:
             async with self.bind.connect() as connection:
                 await connection.execution_options(isolation_level="READ COMMITTED")
                 async with connection.begin():
                     twin = self._bound_to(connection)
-                    if await twin._lock_turn(key, wait):
-                        value = await twin.get(key, _MISSING)  # stored while we waited, or just before we locked
-                        return value if value is not _MISSING else await twin._fill(key, fn, ttl)
+                    claimed = await twin._claim(key, wait)
+                    if claimed is None:  # waited `wait` for another caller: compute, and leave storing to it
+                        return await _computed(fn)
+                    value = _MISSING if claimed else await twin.get(key, _MISSING)
+                    return value if value is not _MISSING else await twin._fill(key, fn, ttl)
         except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:  # connecting or committing; statements translate
             self._absorb_connect_error(error)
         return await self._fill(key, fn, ttl)
@@ -191,6 +202,12 @@ class AsyncCache(Cache):
             return wrapper
 
         return decorate
+
+
+async def _computed(fn):
+    # fn() awaited when it is a coroutine function (get_or_set takes both kinds).
+    value = fn()
+    return await value if inspect.isawaitable(value) else value
 
 
 def _adopt_operations() -> None:

@@ -2,9 +2,12 @@
 
 Every contender runs every workload in the same process, interleaved round by
 round (the contender order rotates each round) so machine drift hits all of
-them alike. The floor is raw psycopg2 replaying the exact SQL text this
-library sends, on the same table, in autocommit, so each ratio isolates
-what the library adds::
+them alike. The floor is raw psycopg2 in autocommit on a plain table of the
+cache's shape (same columns, index, fillfactor, UNLOGGED; no row-level
+security, no write functions), with the plain SQL any hand-written cache
+would send: each ratio shows what the library and its isolation add. A second
+raw contender replays the library's own SQL on the library's table, which
+separates the client's cost from the server's::
 
     from fastpgcache.bench import run_bench, format_table
 
@@ -35,6 +38,7 @@ from .cache import Cache
 from .client import FastPgCache, build_url
 
 FLOOR = "psycopg2"
+LIB_SQL = "psycopg2, library SQL"
 LIB = "FastPgCache"
 LOGGED_TABLE = "cache_logged"
 LAYOUTS = ("split", "same", "none")
@@ -146,10 +150,15 @@ class Contender:
 
 
 class Psycopg2Floor(Contender):
-    """Raw psycopg2 in autocommit, replaying the SQL text the library sends (captured, not rewritten)."""
+    """Raw psycopg2 in autocommit, one connection per thread, running the SQL it is given.
 
-    def __init__(self, name: str, connect: Callable, sql: dict, workloads: set | None = None):
+    `sql` maps each call to (statement, fixed params); `hex_values` sends values as hex text, as the
+    library's write functions take them."""
+
+    def __init__(self, name: str, connect: Callable, sql: dict, workloads: set | None = None,
+                 hex_values: bool = False):
         self.name, self.workloads, self._connect, self._sql = name, workloads, connect, sql
+        self._hex = hex_values
         self._local = threading.local()
         self._all = []
 
@@ -164,6 +173,10 @@ class Psycopg2Floor(Contender):
             local.cursor = connection.cursor()
         return local.cursor
 
+    def _value(self, value):
+        data = _encode(value)
+        return data.hex() if self._hex else data
+
     def get(self, key):
         sql, params = self._sql["get"]
         cursor = self._cursor
@@ -173,13 +186,17 @@ class Psycopg2Floor(Contender):
 
     def set(self, key, value, ttl=None):
         sql, params = self._sql["set"]
-        self._cursor.execute(sql, {**params, "k": key, "val": _encode(value), "flg": 2, "ttl": ttl})
+        self._cursor.execute(sql, {**params, "k": key, "val": self._value(value), "flg": 2, "ttl": ttl})
 
     def set_many(self, mapping):
         from psycopg2.extras import execute_values
 
+        if "set_values" not in self._sql:  # the library's SQL has no multi-row form: only used untimed
+            for key, value in mapping.items():
+                self.set(key, value)
+            return
         sql, template, params = self._sql["set_values"]
-        rows = [{**params, "k": k, "val": _encode(v), "flg": 2, "ttl": None} for k, v in mapping.items()]
+        rows = [{**params, "k": k, "val": self._value(v), "flg": 2, "ttl": None} for k, v in mapping.items()]
         execute_values(self._cursor, sql, rows, template=template, page_size=len(rows))
 
     def get_many(self, keys):
@@ -192,7 +209,8 @@ class Psycopg2Floor(Contender):
         sql, params = self._sql["incr"]
         cursor = self._cursor
         cursor.execute(sql, {**params, "k": key, "amount": 1})
-        return int(cursor.fetchone()[0])
+        result = cursor.fetchone()[0]
+        return int(result[0] if isinstance(result, list) else result)  # the library's incr answers {n}
 
     def close(self):
         for connection in self._all:
@@ -286,14 +304,53 @@ class RedisContender(Contender):
         self._r.close()
 
 
-# -- capturing the library's SQL for the floor -----------------------------------------------
+# -- the floors' SQL ------------------------------------------------------------------------
+
+FLOOR_TABLE = "floor"
+"""The floor's plain table in the bench schema: the cache's columns, index and fillfactor, nothing else."""
+
+_FLOOR_UPSERT = ("INSERT INTO {t} (user_id, key, value, flags, expires_at) VALUES {values} ON CONFLICT (user_id, key)"
+                 " DO UPDATE SET value = excluded.value, flags = excluded.flags, expires_at = excluded.expires_at,"
+                 " created_at = now()")
+_FLOOR_ROW = "(current_user, %(k)s, %(val)s, %(flg)s, now() + %(ttl)s * interval '1 second')"
+_FLOOR_MINE = "user_id = CAST(current_user AS text) COLLATE \"default\" AND (expires_at IS NULL OR expires_at > now())"
+
+
+def floor_sql(qualified_table: str) -> dict:
+    """The plain SQL of a hand-written cache on `qualified_table`: what every ratio is measured against."""
+    t = qualified_table
+    return {
+        "get": (f"SELECT value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = %(k)s", {}),
+        "get_many": (f"SELECT key, value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = ANY(%(ks)s)", {}),
+        "set": (_FLOOR_UPSERT.format(t=t, values=_FLOOR_ROW), {}),
+        "set_values": (_FLOOR_UPSERT.format(t=t, values="%s"), _FLOOR_ROW, {}),
+        "incr": (f"INSERT INTO {t} AS c (user_id, key, value, flags) VALUES (current_user, %(k)s,"
+                 " convert_to(CAST(%(amount)s AS text), 'UTF8'), 2) ON CONFLICT (user_id, key) DO UPDATE SET"
+                 " value = convert_to(CAST(CAST(convert_from(c.value, 'UTF8') AS bigint) + %(amount)s AS text),"
+                 " 'UTF8') RETURNING convert_from(c.value, 'UTF8')", {}),
+    }
+
+
+def create_floor_table(connection, schema: str, logged: bool = False) -> str:
+    """The floor's table in `schema`, shaped as the cache's; returns its qualified name."""
+    from sqlalchemy import MetaData
+
+    from .model import cache_table
+
+    table = cache_table(FLOOR_TABLE).to_metadata(MetaData(), schema=schema)
+    table.create(connection)
+    qualified = f'"{schema}"."{FLOOR_TABLE}"'
+    connection.execute(text(f"ALTER TABLE {qualified} SET (fillfactor = 70)"))
+    if logged:
+        connection.execute(text(f"ALTER TABLE {qualified} SET LOGGED"))
+    return qualified
+
 
 def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
-    """The exact SQL text and literal parameters the library sends for each operation.
+    """The exact SQL text and literal parameters the library sends for get, get_many, set and incr.
 
     Recorded at the driver's cursor, below however the library executes, so the
-    floor replays the very same strings: "same statement" holds by construction
-    and no statement is written a second time outside cache.py.
+    replaying contender sends the very same strings (function calls included).
     """
     import psycopg2.extensions
 
@@ -305,37 +362,27 @@ def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
             return super().execute(query, vars)
 
     engine = create_engine(url, connect_args={"cursor_factory": RecordingCursor}, poolclass=NullPool)
-    cache = Cache(engine, schema=schema, table=table)
-    calls = {"set": ("INSERT", lambda: cache.set("bench:capture", 1)),
+    cache = Cache(engine, schema=schema, table=table, expire_every=None)
+    calls = {"set": ("_set(", lambda: cache.set("bench:capture", 1)),
              "get": ("SELECT", lambda: cache.get("bench:capture")),
              "get_many": ("SELECT", lambda: cache.get_many(["bench:capture"])),
-             "incr": ("INSERT", lambda: cache.incr("bench:capture:n"))}
+             "incr": ("_incr(", lambda: cache.incr("bench:capture:n"))}
     sql = {}
     try:
-        for name, (verb, call) in calls.items():
+        for name, (mark, call) in calls.items():
             seen.clear()
             call()
-            sql[name] = next(item for item in seen if _is_cache_sql(item[0], verb))
+            sql[name] = next(item for item in seen if _is_cache_sql(item[0], mark))
         cache.delete_many(["bench:capture", "bench:capture:n"])
     finally:
         engine.dispose()
-    sql["set_values"] = _values_form(*sql["set"])
     return sql
 
 
-def _is_cache_sql(query, verb: str) -> bool:
-    # Skips what the pool, the dialect or expiry-on-write send around the call itself.
+def _is_cache_sql(query, mark: str) -> bool:
+    # Skips what the pool, the dialect or the identity lookup send around the call itself.
     text_ = query.decode() if isinstance(query, bytes) else str(query)
-    return text_.lstrip().upper().startswith(verb) and ".cache" in text_
-
-
-def _values_form(statement: str, params: dict) -> tuple[str, str, dict]:
-    # execute_values wants "... VALUES %s ..." plus the row template: split the
-    # captured single-row upsert at its VALUES tuple, which is the template.
-    match = re.search(r"VALUES (\(.*\)) ON CONFLICT", statement, re.S)
-    if not match:
-        raise RuntimeError("cannot find the VALUES list in the captured upsert")
-    return statement[:match.start(1)] + "%s" + statement[match.end(1):], match.group(1), params
+    return mark in text_ and ".cache" in text_ and "_secrets" not in text_
 
 
 # -- workloads ---------------------------------------------------------------------------
@@ -502,6 +549,9 @@ class _Scratch:
         self._cleanups.append(self._drop_schemas)
         setup_cache(engine=self.engine, schema=self.schema)
         setup_cache(engine=self.engine, schema=self.logged_schema, logged=True)
+        with self.engine.begin() as connection:
+            self.floor_table = create_floor_table(connection, self.schema)
+            self.logged_floor_table = create_floor_table(connection, self.logged_schema, logged=True)
 
     def _drop_schemas(self) -> None:
         with self.engine.begin() as connection:
@@ -520,9 +570,12 @@ class _Scratch:
         connect = lambda: psycopg2.connect(**dsn)  # noqa: E731
         # Guard off on hits and writes too: shows what the guard itself costs where it cannot help.
         guard_off = {"get hit", "get miss", "set"}
+        library_sql = {"get hit", "get miss", "set", "set ttl", "incr"}
         logged_only = {"set", f"load {settings.threads}x{settings.thread_ops}"}
         factories = {
-            FLOOR: lambda: Psycopg2Floor(FLOOR, connect, capture_sql(self.url, self.schema)),
+            FLOOR: lambda: Psycopg2Floor(FLOOR, connect, floor_sql(self.floor_table)),
+            LIB_SQL: lambda: Psycopg2Floor(LIB_SQL, connect, capture_sql(self.url, self.schema), library_sql,
+                                           hex_values=True),
             LIB: lambda: self._client(LIB, self.schema, settings),
             f"{LIB}, guard off": lambda: self._client(f"{LIB}, guard off", self.schema, settings, guard_off,
                                                       use_cuckoo_filter=False),
@@ -530,7 +583,7 @@ class _Scratch:
             DjangoContender.name: self._django,
             RedisContender.name: self._redis,
             f"{FLOOR} LOGGED": lambda: Psycopg2Floor(f"{FLOOR} LOGGED", connect,
-                                                     capture_sql(self.url, self.logged_schema), logged_only),
+                                                     floor_sql(self.logged_floor_table), logged_only),
             f"{LIB} LOGGED": lambda: self._client(f"{LIB} LOGGED", self.logged_schema, settings, logged_only),
         }
         if FLOOR in exclude:

@@ -1,16 +1,34 @@
 """Value encoding: every value reads back as the Python type it was stored as.
 
 `flags` records the encoding, so a str that looks like JSON stays a str.
+Pickles are signed: unpickling runs code, and whoever can write a row (the
+table's owner role and its members, superusers) must not be able to make an
+application run theirs. A pickle is stored behind an HMAC-SHA256 tag over the
+key and the pickle, under a key only the application holds; one without a
+valid tag is never unpickled: it reads as a miss, and is logged.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import pickle
+import threading
+import time
+
+log = logging.getLogger("fastpgcache")
 
 RAW = 0  # bytes as given
 TEXT = 1  # str, UTF-8
 JSON = 2  # int, float, bool, None, dict, list
-PICKLE = 3  # anything else, only when the caller opted in
+PICKLE = 3  # anything else, only when the caller opted in; signed
+
+TAG_BYTES = 32
+"""HMAC-SHA256 tag in front of every pickle."""
+
+MIN_KEY_BYTES = 16
+"""Shortest signing key accepted; Django's generated SECRET_KEY has 50 characters."""
 
 _SCALAR_TYPES = (str, bool, int, float, type(None))
 _SCALARS = frozenset(_SCALAR_TYPES)
@@ -23,12 +41,12 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 def _refuse(obj):
     raise TypeError(
         f"cannot cache a value of type {type(obj).__name__}: use str, bytes, int, float, bool, None, "
-        "or dict/list of those (or create the cache with pickle=True)"
+        "or dict/list of those (or give the cache a pickle signing key: pickle=SECRET)"
     )
 
 
-def serialize(value, *, allow_pickle: bool = False) -> tuple[int, bytes]:
-    """Encode `value`; raises TypeError naming the type when it cannot be cached.
+def serialize(value) -> tuple[int, bytes]:
+    """Encode a value that needs no pickle; raises TypeError naming the type otherwise.
 
     >>> serialize("123")
     (1, b'123')
@@ -39,8 +57,6 @@ def serialize(value, *, allow_pickle: bool = False) -> tuple[int, bytes]:
         return RAW, bytes(value)
     if isinstance(value, (bool, int, float, type(None))):
         return JSON, json.dumps(value).encode()
-    if allow_pickle:
-        return PICKLE, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     if isinstance(value, (dict, list)):
         _check_json(value)
         return JSON, _ENCODER.encode(value).encode("utf-8")
@@ -53,7 +69,7 @@ def _check_json(value) -> None:
         for key, item in value.items():
             if type(key) is not str and not isinstance(key, str):
                 raise TypeError(f"cannot cache a dict with a {type(key).__name__} key ({key!r}): JSON keys are "
-                                "str, so it would read back changed (or create the cache with pickle=True)")
+                                "str, so it would read back changed (or give the cache a pickle signing key)")
             if type(item) not in _SCALARS:
                 _check_json(item)
     elif isinstance(value, list):
@@ -64,8 +80,8 @@ def _check_json(value) -> None:
         _refuse(value)
 
 
-def deserialize(flags: int, data: bytes, *, parse_json: bool = True, allow_pickle: bool = False):
-    """Decode what `serialize` produced; parse_json=False returns JSON as its text."""
+def deserialize(flags: int, data: bytes, *, parse_json: bool = True):
+    """Decode what `serialize` produced (not pickles: see `Codec`); parse_json=False returns JSON as text."""
     if flags == TEXT:
         return bytes(data).decode("utf-8", "surrogatepass")
     if flags == RAW:
@@ -74,7 +90,100 @@ def deserialize(flags: int, data: bytes, *, parse_json: bool = True, allow_pickl
         text = bytes(data).decode("utf-8")
         return json.loads(text) if parse_json else text
     if flags == PICKLE:
-        if not allow_pickle:
-            raise TypeError("this value was stored pickled; create the cache with pickle=True to read it")
-        return pickle.loads(data)
+        raise TypeError("this value was stored as a signed pickle; give the cache the signing key (pickle=SECRET) "
+                        "to read it")
     raise ValueError(f"unknown value encoding flags={flags}; was the row written by another program?")
+
+
+class Codec:
+    """Encodes values for one cache; with signing keys, other objects become signed pickles.
+
+    `keys` is None (no pickles), one key (str or bytes), or a sequence of keys:
+    the first signs, every one verifies (to rotate, put the new key first)::
+
+        codec = Codec(["new-secret-key-0123", "old-secret-key-0123"])
+        flags, data = codec.serialize({1, 2}, "k")
+        codec.deserialize(flags, data, key="k")   # {1, 2}
+    """
+
+    def __init__(self, keys=None):
+        if keys is True:
+            raise ValueError("pickle=True needs a signing key now: pass pickle=SECRET (str or bytes, at least "
+                             f"{MIN_KEY_BYTES} bytes, e.g. your application's SECRET_KEY), so that nobody who can "
+                             "write the table can make this process unpickle their code")
+        if keys in (None, False):
+            keys = []
+        elif isinstance(keys, (str, bytes)):
+            keys = [keys]
+        self._macs = [self._mac_key(key) for key in keys]
+        self._refused = 0
+        self._last_logged = 0.0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _mac_key(key) -> bytes:
+        # A key of its own for this purpose, so a shared secret (Django's SECRET_KEY) signs nothing else here.
+        raw = key.encode("utf-8") if isinstance(key, str) else key
+        if not isinstance(raw, bytes) or len(raw) < MIN_KEY_BYTES:
+            raise ValueError(f"a pickle signing key must be str or bytes of at least {MIN_KEY_BYTES} bytes")
+        return hmac.new(raw, b"fastpgcache pickle signing", hashlib.sha256).digest()
+
+    @property
+    def signs(self) -> bool:
+        return bool(self._macs)
+
+    def serialize(self, value, key: str = "") -> tuple[int, bytes]:
+        """`value` as (flags, bytes); a pickle carries its tag over (key, pickle) in front.
+
+        With signing keys, values JSON reads back exactly (exact dicts, lists and
+        scalars) stay JSON, readable by every client; anything else is pickled.
+        """
+        if not self.signs:
+            return serialize(value)
+        kind = type(value)
+        if kind in (dict, list) and _exact_json(value):
+            return JSON, _ENCODER.encode(value).encode("utf-8")
+        if kind in _SCALARS or kind in (bytes, bytearray, memoryview):
+            return serialize(value)
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return PICKLE, self._tag(self._macs[0], key, data) + data
+
+    def deserialize(self, flags: int, data: bytes, *, key: str = "", parse_json: bool = True, missing=None):
+        """The stored value, or `missing` for a pickle whose tag does not verify (logged, never unpickled)."""
+        if flags != PICKLE or not self.signs:
+            return deserialize(flags, data, parse_json=parse_json)
+        data = bytes(data)
+        tag, body = data[:TAG_BYTES], data[TAG_BYTES:]
+        if any(hmac.compare_digest(tag, self._tag(mac, key, body)) for mac in self._macs):
+            return pickle.loads(body)
+        self._log_refusal(key)
+        return missing
+
+    @staticmethod
+    def _tag(mac: bytes, key: str, body: bytes) -> bytes:
+        return hmac.new(mac, key.encode("utf-8") + b"\x00" + body, hashlib.sha256).digest()
+
+    def _log_refusal(self, key: str) -> None:
+        # Forged or foreign pickles read as misses; say so, at most once a minute with a count.
+        with self._lock:
+            self._refused += 1
+            now = time.monotonic()
+            if self._refused > 1 and now - self._last_logged < 60:
+                return
+            self._last_logged, count = now, self._refused
+        log.warning("fastpgcache: refused to unpickle the value at %r: its signature does not verify under this "
+                    "cache's key (written by someone else, or under another key); read as a miss "
+                    "(%d refused so far)", key, count)
+
+
+def _exact_json(value) -> bool:
+    # Exact dicts (str keys), lists and scalars only: a subclass (OrderedDict, IntEnum) must be pickled
+    # to read back as itself.
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if kind is dict:
+        return all(type(key) is str and _exact_json(item) for key, item in value.items())
+    if kind is list:
+        return all(_exact_json(item) for item in value)
+    return False

@@ -29,6 +29,10 @@ class CacheTimeoutError(CacheError, TimeoutError):
     """A call waited too long: for a pooled connection, a lock, or the statement itself."""
 
 
+class CacheLimitError(CacheError, ValueError):
+    """A write would pass a limit the server enforces (value size, or the role's quota); nothing was written."""
+
+
 def sqlstate(error: sa_exc.DBAPIError) -> str | None:
     """PostgreSQL's five-character error code, from psycopg2 or psycopg 3."""
     orig = error.orig
@@ -56,6 +60,11 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
     `where` names the table (schema.table) so the message can point at it.
     """
     state = sqlstate(error)
+    if state in ("FC001", "FC002"):  # the write functions' limits (migration 0004): value size, quota
+        hint = getattr(getattr(error.orig, "diag", None), "message_hint", None)
+        return CacheLimitError(f"{first_line(error)} (in {where}){f'; {hint}' if hint else ''}")
+    if state == "42883" and "function" in first_line(error):  # undefined_function: an older table
+        return CacheNotSetUpError(f"cache table {where} has no write functions yet: {SETUP_HINT.replace('create', 'upgrade')}")
     if state in ("42P01", "3F000"):  # undefined_table, invalid_schema_name
         return CacheNotSetUpError(f"cache table {where} does not exist: {SETUP_HINT}")
     if state == "42501":  # insufficient_privilege, including row-level security refusals

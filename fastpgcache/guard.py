@@ -4,14 +4,19 @@ A Bloom filter never forgets, so deletes and expiry only leave harmless false
 positives; what must never happen is a key present in the table reading as
 absent. The guard therefore answers only while it is *trusted*: its LISTEN
 connection is up, and after LISTEN was in place it has read every key of its
-user from the table (expired rows too: an upsert that revives one fires no
-INSERT trigger). Inserts made anywhere after LISTEN arrive as notifications
-from the trigger of migration 0002, as short hashes of (user, key); writes made
-through this process are added before the call returns.
+role from the table (expired rows too: an upsert that revives one announces
+nothing). Inserts made anywhere after LISTEN arrive as notifications, sent by
+the write functions of migration 0004 on the role's own channel (named after
+the role's secret, so no other role can listen, send or forge) with keyed
+hashes of the keys; writes made through this process are added before the
+call returns.
+
+The guard trusts the functions only while the catalogs say nobody can write
+around them (catalog.py), and steps aside while PostgreSQL's notification
+queue fills (writers stop notifying at half full).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -23,19 +28,34 @@ import weakref
 
 from sqlalchemy.engine import Engine
 
-from .cache import Cache, listen_sql
+from .cache import Cache
+from .catalog import inspect_cache
 from .errors import check_positive_int, check_positive_seconds
+from .execution import first_row, nothing
+from .identity import Identity
+from .statements import NOTIFY
 
 log = logging.getLogger(__name__)
-
-HASH_BYTES = 8
-"""Bytes of sha256(user NUL key) a notification carries per key (as hex); the trigger uses the same."""
 
 PAGE_SIZE = 10_000
 """Keys per warm-up query: each page is its own short statement."""
 
 HEARTBEAT_SECONDS = 2.0
-"""The listener re-issues LISTEN (so a dead connection is noticed) and re-checks the trigger this often."""
+"""The listener re-issues LISTEN (so a dead connection is noticed) and re-checks the catalogs this often."""
+
+QUEUE_CHECK_SECONDS = 0.5
+"""How often the listener reads the notification queue's usage."""
+
+QUEUE_OFF, QUEUE_ON = 0.25, 0.10
+"""The guard stops answering at this share of the notification queue, and resumes below the second.
+Writers stop notifying at 0.5 (migration 0004): a quarter of the queue (2 GB by default) lies between."""
+
+MIN_QUEUE_MARGIN_BYTES = 256 * 1024 * 1024
+"""Below this much queue between the guard's stop and the writers' (a small max_notify_queue_pages),
+a burst could cross it between two checks: the guard stays off."""
+
+RESET_SECONDS = 1.0
+"""After a "reset" (a batch too large to list), at most one re-read of the table this often."""
 
 PSYCOPG3_FLOOR = (3, 3)
 """Older psycopg 3 can lose notifications and lacks notifies(timeout=, stop_after=)."""
@@ -46,23 +66,11 @@ WAKE_SECONDS = 0.1
 _RUNNING: "weakref.WeakSet[NegativeLookupGuard]" = weakref.WeakSet()
 
 
-def key_token(user: str, key: str) -> str:
-    """The hash a notification carries for (user, key); the trigger computes the same in SQL::
-
-        key_token("alice", "user:1")   # 16 hex digits
-    """
-    data = f"{user}\x00{key}".encode("utf-8", "surrogatepass")
-    return hashlib.sha256(data).hexdigest()[: 2 * HASH_BYTES]
-
-
-def notify_channel(schema: str, table: str) -> str:
-    """The channel of one cache table: a hash, so the name fits in 63 bytes and needs no quoting."""
-    return "fastpgcache_" + hashlib.sha256(f"{schema}\x00{table}".encode()).hexdigest()[:24]
-
-
-def notify_function_name(table: str) -> str:
-    """Name of the trigger and its function, cut to 63 bytes as PostgreSQL would."""
-    return f"{table}_notify_insert".encode()[:63].decode("utf-8", "ignore")
+def listen_sql(channel: str) -> str:
+    """`LISTEN` for a channel name made of [a-z0-9_] (the secrets table's `channel`)."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", channel):
+        raise ValueError(f"invalid channel name {channel!r}")
+    return f"LISTEN {channel}"
 
 
 class _TurnOff(Exception):
@@ -77,6 +85,8 @@ class _Listener:
         self._fairy = pool.connect()
         self.raw = self._fairy.dbapi_connection
         self.raw.autocommit = True
+        info = getattr(self.raw, "info", None)  # psycopg 3; psycopg2 has get_backend_pid()
+        self.pid = info.backend_pid if hasattr(info, "backend_pid") else self.raw.get_backend_pid()
         if not hasattr(self.raw, "poll") and not hasattr(self.raw, "notifies"):
             self.close()
             raise _TurnOff(f"the {type(self.raw).__module__} driver cannot receive notifications; use psycopg2")
@@ -86,10 +96,12 @@ class _Listener:
             raise _TurnOff(f"psycopg {too_old} can lose notifications; pip install 'psycopg[binary]>=3.3'"
                            " (or use psycopg2)")
 
-    def listen(self, channel: str) -> None:
+    def run(self, sql: str):
+        """Run one statement on the listener's own connection; its first value, if any."""
         cursor = self.raw.cursor()
         try:
-            cursor.execute(listen_sql(channel))
+            cursor.execute(sql)
+            return cursor.fetchone()[0] if cursor.description else None
         finally:
             cursor.close()
 
@@ -120,7 +132,7 @@ class _Listener:
 
 
 class NegativeLookupGuard:
-    """Answers "definitely absent" for one (database, schema, table, user) without a round trip.
+    """Answers "definitely absent" for one (database, schema, table, role) without a round trip.
 
     `FastPgCache` creates one when `use_cuckoo_filter=True`; for a `Cache` on an
     Engine, make one yourself::
@@ -130,8 +142,9 @@ class NegativeLookupGuard:
         cache.guard.wait_until_trusted(5)   # optional: lookups go to the database until then
 
     It turns itself off, with one log line, where it cannot be sure (no
-    pybloomfiltermmap3, no trigger, notifications that do not arrive as behind
-    a transaction-mode pooler): slower, never wrong.
+    pybloomfiltermmap3, a table without write functions or that roles may
+    write around them, notifications that do not arrive as behind a
+    transaction-mode pooler): slower, never wrong.
     """
 
     def __init__(self, cache: Cache, capacity: int = 1_000_000, *, error_rate: float = 0.01,
@@ -148,19 +161,22 @@ class NegativeLookupGuard:
         self.error_rate = error_rate
         self.probe_timeout = probe_timeout
         self.heartbeat = heartbeat
-        self.channel = notify_channel(cache.schema, cache.table)
         self.where = f"{cache.schema}.{cache.table}"
         self.state = "starting"
-        self._user: str | None = None
+        self.channel: str | None = None
+        self._identity: Identity | None = None
         self._active = None  # the filter answering lookups; None while not trusted
         self._targets: list = []  # filters that receive every new key
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._trusted = threading.Event()
         self._reset_requested = False
+        self._last_warm = 0.0
+        self._queue_full = False
         self._probe_payload: str | None = None  # the probe this guard waits for
         self._probe_seen = False
         self._failures = 0
+        self._listener: _Listener | None = None
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -171,12 +187,12 @@ class NegativeLookupGuard:
     def definitely_absent(self, key: str) -> bool:
         """True only when the key cannot be in the table; False means "ask the database"."""
         active = self._active
-        return active is not None and key_token(self._user, key) not in active
+        return active is not None and self._identity.token(key) not in active
 
     def remember(self, keys) -> None:
         """Add keys this process has just written, before its call returns."""
         if self._targets:
-            self._add([key_token(self._user, key) for key in keys])
+            self._add([self._identity.token(key) for key in keys])
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -236,11 +252,13 @@ class NegativeLookupGuard:
                 self._stopping.wait(min(30.0, 0.25 * 2 ** min(self._failures, 7)))
 
     def _listen_and_serve(self) -> None:
-        listener = _Listener(self._pool)
+        listener = self._listener = _Listener(self._pool)
         try:
+            self._check_trust()
+            self._identity = self._identity or self._cache._identity_now()
+            self.channel = self._identity.channel
             self._listen(listener)
-            self._check_trigger()
-            self._user = self._user or self._cache._current_user()
+            self._check_queue(listener, first=True)
             self._probe(listener)
             self._warm(listener, keep_answering=False)
             self._serve(listener)
@@ -249,7 +267,7 @@ class NegativeLookupGuard:
 
     def _listen(self, listener: _Listener) -> None:
         try:
-            listener.listen(self.channel)
+            listener.run(listen_sql(self.channel))
         except Exception as error:
             if listener.broken:
                 raise
@@ -259,7 +277,7 @@ class NegativeLookupGuard:
         # A pooler in transaction mode accepts LISTEN but never delivers: check that a
         # notification sent from another connection really arrives.
         self._probe_payload, self._probe_seen = f"probe:{secrets.token_hex(8)}", False
-        self._cache._notify(self.channel, self._probe_payload)
+        self._cache._execute(NOTIFY, {"channel": self.channel, "payload": self._probe_payload}, nothing)
         deadline = time.monotonic() + self.probe_timeout
         while not self._probe_seen:
             remaining = deadline - time.monotonic()
@@ -268,35 +286,68 @@ class NegativeLookupGuard:
                                "pgbouncer?); connect directly to PostgreSQL to use the guard")
             self._receive(listener, remaining)
 
-    def _check_trigger(self) -> None:
-        # Without the trigger firing for every session, other processes' inserts go unnoticed.
-        if not self._cache._has_notify_trigger(notify_function_name(self._cache.table)):
-            raise _TurnOff("the table has no insert-notification trigger, or it is disabled; upgrade it with "
-                           f"`fastpgcache-admin` or ALTER TABLE ... ENABLE ALWAYS TRIGGER "
-                           f"{notify_function_name(self._cache.table)}")
+    def _check_trust(self) -> None:
+        # Every insert must go through the write functions, which announce it; otherwise turn off.
+        with self._cache.bind.connect() as connection:
+            catalog = inspect_cache(connection, self._cache.schema, self._cache.table, None)
+            queue_pages = connection.exec_driver_sql(
+                "SELECT setting FROM pg_catalog.pg_settings WHERE name = 'max_notify_queue_pages'").scalar()
+        problems = catalog.announcement_problems()
+        if problems:
+            raise _TurnOff(problems[0])
+        if queue_pages is not None and int(queue_pages) * 8192 * (0.5 - QUEUE_OFF) < MIN_QUEUE_MARGIN_BYTES:
+            raise _TurnOff(f"the notification queue is too small to watch safely (max_notify_queue_pages = "
+                           f"{queue_pages}); raise it to at least {int(MIN_QUEUE_MARGIN_BYTES / 8192 / 0.25)}")
+
+    def _check_queue(self, listener: _Listener, first: bool = False) -> None:
+        # Writers stop announcing at half full: stop answering well before, resume well below.
+        usage = float(listener.run(QUEUE_USAGE_SQL))
+        if not self._queue_full and usage >= QUEUE_OFF:
+            self._queue_full = True
+            self._untrust()
+            self.state = f"paused: the notification queue is {usage:.0%} full"
+            log.warning("negative-lookup guard on %s paused: PostgreSQL's notification queue is %.0f%% full "
+                        "(a listener that stopped reading?); lookups go to the database until it drains",
+                        self.where, 100 * usage)
+        elif self._queue_full and usage < QUEUE_ON:
+            self._queue_full = False
+            log.warning("negative-lookup guard on %s: the notification queue has drained; re-warming", self.where)
+            if not first:
+                self._reset_requested = True
+        if first:
+            while self._queue_full and not self._stopping.is_set():
+                self._stopping.wait(QUEUE_CHECK_SECONDS)
+                self._check_queue(listener)
 
     def _serve(self, listener: _Listener) -> None:
         next_beat = time.monotonic() + self.heartbeat
+        next_queue_check = time.monotonic() + QUEUE_CHECK_SECONDS
         while not self._stopping.is_set():
             self._receive(listener, WAKE_SECONDS)
-            if time.monotonic() >= next_beat:
+            now = time.monotonic()
+            if now >= next_queue_check:
+                self._check_queue(listener)
+                next_queue_check = now + QUEUE_CHECK_SECONDS
+            if now >= next_beat:
                 self._heartbeat(listener)
                 next_beat = time.monotonic() + self.heartbeat
-            if self._reset_requested:
+            if self._queue_full:
+                continue
+            if self._reset_requested and time.monotonic() - self._last_warm >= RESET_SECONDS:
                 self._warm(listener, keep_answering=False)
             elif self._active is not None and len(self._active) > self._active.capacity:
                 self._warm(listener, keep_answering=True)
 
     def _heartbeat(self, listener: _Listener) -> None:
-        """Re-LISTEN, so a dead connection shows, and check that the trigger still fires.
+        """Re-LISTEN, so a dead connection shows, and check that nothing can write around the functions.
 
         The check waits for a pooled connection, and notifications are not read
         meanwhile: the filter answers nothing until they have been taken.
         """
-        listener.listen(self.channel)
+        listener.run(listen_sql(self.channel))
         with self._lock:
             answering, self._active = self._active, None
-        self._check_trigger()
+        self._check_trust()
         self._receive(listener, 0)
         with self._lock:
             if self._targets:  # not untrusted (reset, stop) meanwhile
@@ -311,7 +362,7 @@ class NegativeLookupGuard:
                 # Some statement inserted more keys than it could list: nothing can be trusted.
                 self._reset_requested = True
                 self._untrust()
-            elif payload.startswith("probe:"):  # other processes' probes arrive here too
+            elif payload.startswith("probe:"):
                 self._probe_seen = self._probe_seen or payload == self._probe_payload
             else:
                 tokens.extend(payload.split())
@@ -331,11 +382,13 @@ class NegativeLookupGuard:
         LISTEN is already in place, so every insert committed after a page was
         read arrives as a notification; those are taken between pages. A rebuild
         for size keeps the old filter answering meanwhile (it still holds every
-        key); a reset or a first warm-up answers nothing until done.
+        key); a reset or a first warm-up answers nothing until done. The new
+        filter is sized by the rows the table holds, never by what was heard.
         """
         while not self._stopping.is_set():
+            self._last_warm = time.monotonic()
             previous = self._active if keep_answering else None
-            fresh = self._new_filter(len(previous) if previous is not None else 0)
+            fresh = self._new_filter(self._rows())
             with self._lock:
                 self._reset_requested = False
                 self._targets = [bloom for bloom in (previous, fresh) if bloom is not None]
@@ -349,13 +402,19 @@ class NegativeLookupGuard:
                 self._trusted.set()
                 return
             keep_answering = False  # a reset came while filling: start again, answering nothing
+            self._stopping.wait(max(0.0, RESET_SECONDS - (time.monotonic() - self._last_warm)))
+
+    def _rows(self) -> int:
+        # This role's rows, expired ones included: what the new filter must hold.
+        live, expired = self._cache._execute(self._cache._s.count, {}, first_row)
+        return live + expired
 
     def _fill(self, listener: _Listener, fresh) -> bool:
         # False when a reset arrives (or the guard stops) before the last page.
         after = ""
         while True:
             keys = self._cache._key_page(after, PAGE_SIZE)
-            fresh.update([key_token(self._user, key) for key in keys])
+            fresh.update([self._identity.token(key) for key in keys])
             self._receive(listener, 0)
             if self._reset_requested or self._stopping.is_set():
                 return False
@@ -363,12 +422,11 @@ class NegativeLookupGuard:
                 return True
             after = keys[-1]
 
-    def _new_filter(self, expected: int):
+    def _new_filter(self, rows: int):
         from pybloomfilter import BloomFilter
 
-        # A user with more keys than the capacity gets room for twice as many,
-        # so a full filter does not rebuild over and over.
-        return BloomFilter(max(self.capacity, 2 * expected), self.error_rate)
+        # Room for twice the rows there are, so a growing table does not rebuild over and over.
+        return BloomFilter(max(self.capacity, 2 * rows), self.error_rate)
 
     def _untrust(self) -> None:
         with self._lock:
@@ -379,6 +437,9 @@ class NegativeLookupGuard:
         self._untrust()
         self.state = f"off: {reason}"
         log.warning("negative-lookup guard on %s is off: %s; every lookup goes to the database", self.where, reason)
+
+
+QUEUE_USAGE_SQL = "SELECT pg_catalog.pg_notification_queue_usage()"
 
 
 def _psycopg3_too_old() -> str | None:

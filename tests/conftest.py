@@ -80,6 +80,30 @@ def explain(engine):
 
 
 @pytest.fixture
+def nested_plans(engine):
+    """nested_plans(cache, statement, params): the plans of every statement the call runs, the ones inside
+    the write functions included (auto_explain, logged to the client as notices; rolled back after)."""
+
+    def plans(cache, statement, params) -> str:
+        identity = cache._identity_now()
+        compiled = cache._compile(statement, engine.dialect)
+        values = compiled.construct_params({**params, "me": identity.user, "secret": identity.secret_hex})
+        with engine.connect() as connection:
+            for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
+                            "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = notice"):
+                connection.exec_driver_sql(setting)
+            raw = connection.connection.dbapi_connection  # its own cursor: SQLAlchemy would take the notices
+            del raw.notices[:]
+            with raw.cursor() as cursor:
+                cursor.execute(compiled.string, values)
+            found = "\n".join(raw.notices)
+            connection.rollback()
+            return found
+
+    return plans
+
+
+@pytest.fixture
 def in_threads():
     """in_threads(work, count, timeout): run work(0..count-1) in threads; the errors they raised,
     and a hang as an error of its own, so `== []` names what went wrong."""
@@ -125,6 +149,21 @@ def make_role(engine, pg_url):
         for name in created:
             connection.execute(text(f'DROP OWNED BY "{name}" CASCADE'))
             connection.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+
+
+@pytest.fixture
+def role_engine(make_role):
+    """role_engine(prefix): (name, engine) of a new LOGIN role (no superuser, no BYPASSRLS), disposed afterwards."""
+    engines = []
+
+    def make(prefix: str = "role"):
+        name, url = make_role(prefix)
+        engines.append(create_engine(url))
+        return name, engines[-1]
+
+    yield make
+    for made in engines:
+        made.dispose()
 
 
 def _free_port() -> int:

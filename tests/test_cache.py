@@ -7,7 +7,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from fastpgcache import MAX_KEY_BYTES, Cache
+from fastpgcache import MAX_KEY_BYTES, Cache, setup_cache
 
 VALUES = [
     "plain", "", "123", '{"looks": "like json"}', "null", "true", "ünïcødé ✓ 日本語 🐘",
@@ -25,7 +25,8 @@ def test_value_round_trips_with_its_type(cache, value):
     assert got == value and type(got) is type(value)
 
 
-def test_large_value_round_trips(cache):
+def test_large_value_round_trips_once_the_admin_allows_it(engine, schema, cache):
+    setup_cache(engine=engine, schema=schema, max_value_bytes=8_000_000)
     big = "x" * 5_000_000
     cache.set("big", big)
     assert cache.get("big") == big
@@ -49,14 +50,22 @@ def test_unsupported_value_type_is_type_error_naming_it_before_sql(engine, value
         cache.set("k", value)
 
 
-def test_pickle_is_opt_in(engine, schema):
-    plain, pickling = Cache(engine, schema=schema), Cache(engine, schema=schema, pickle=True)
+def test_pickle_is_opt_in_and_signed(engine, schema):
+    plain, pickling = Cache(engine, schema=schema), Cache(engine, schema=schema, pickle="app-secret-key-0123")
     pickling.set("d", dt.date(2024, 5, 1))
     assert pickling.get("d") == dt.date(2024, 5, 1)
     pickling.set("t", (1, 2))
     assert pickling.get("t") == (1, 2)
-    with pytest.raises(TypeError, match="pickle=True"):
+    with pytest.raises(TypeError, match="signing key"):
         plain.get("d")
+    with pytest.raises(ValueError, match="signing key"):
+        Cache(engine, schema=schema, pickle=True)
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        Cache(engine, schema=schema, pickle="short")
+    rotated = Cache(engine, schema=schema, pickle=["new-secret-key-0123", "app-secret-key-0123"])
+    assert rotated.get("d") == dt.date(2024, 5, 1)  # an older key still verifies
+    rotated.set("n", {3})
+    assert pickling.get("n") is None  # signed with the new key, which `pickling` does not hold
 
 
 def test_parse_json_false_returns_stored_text(cache):
@@ -471,7 +480,7 @@ def test_reads_use_the_primary_key_without_a_user_id(engine, cache, explain):
     with engine.connect() as connection:
         connection.execute(text(f'ANALYZE "{cache.schema}".cache'))
         connection.commit()
-    from fastpgcache.cache import _text_array
+    from fastpgcache.statements import text_array as _text_array
 
     for statement, params in [(cache._s.get, {"k": "row:3:3"}), (cache._s.exists, {"k": "row:3:3"}),
                               (cache._s.get_many, {"ks": _text_array(f"row:3:{i}" for i in range(100))})]:

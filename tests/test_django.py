@@ -55,7 +55,8 @@ def django_schemas(engine, pg_url):
         "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
     }
     if not settings.configured:
-        settings.configure(CACHES=caches, INSTALLED_APPS=["fastpgcache.contrib.django_app"], USE_TZ=True)
+        settings.configure(CACHES=caches, INSTALLED_APPS=["fastpgcache.contrib.django_app"], USE_TZ=True,
+                           SECRET_KEY="tests-only-" + uuid.uuid4().hex)
         django.setup()
     yield shared, fresh
     with engine.begin() as connection:
@@ -233,10 +234,20 @@ def test_binary_strings(cache):
     assert cache.get_many(["binary1"]) == {"binary1": compressed}
 
 
-def test_large_values(cache):
-    big = bytes(range(256)) * 20_000  # 5 MB
-    cache.set("big", {"payload": big})
-    assert cache.get("big")["payload"] == big
+def test_large_values_past_the_limit_are_not_stored_and_drop_the_old_value(cache, django_schemas, engine, caplog):
+    big = bytes(range(256)) * 20_000  # 5 MB; the table takes at most 1 MiB per value by default
+    cache.set("big", "small enough")
+    with caplog.at_level("WARNING", logger="fastpgcache"):
+        cache.set("big", {"payload": big})  # as memcached: not stored, and no stale value left behind
+    assert cache.get("big") is None and "not stored" in caplog.text
+    assert cache.add("big", {"payload": big}) is False
+    assert cache.set_many({"big": {"payload": big}, "fine": 1}) == ["big", "fine"]
+    setup_cache(engine=engine, schema=django_schemas[0], max_value_bytes=10_000_000)
+    try:
+        cache.set("big", {"payload": big})
+        assert cache.get("big")["payload"] == big
+    finally:
+        setup_cache(engine=engine, schema=django_schemas[0], max_value_bytes=1024 * 1024)
 
 
 def test_unpicklable_values_raise_pickle_errors(cache):
@@ -494,12 +505,14 @@ def test_close_and_the_request_finished_signal_leave_the_cache_usable(cache):
     assert cache.get("after") == 2
 
 
-def test_cache_entries_are_readable_by_plain_cache_with_pickle(cache, django_schemas, engine):
+def test_cache_entries_are_readable_by_plain_cache_with_the_secret_key(cache, django_schemas, engine):
     from fastpgcache import Cache
 
     cache.set("shared", {"a": (1, 2)})
-    plain = Cache(engine, schema=django_schemas[0], pickle=True)
+    plain = Cache(engine, schema=django_schemas[0], pickle=settings.SECRET_KEY)
     assert plain.get(cache.make_key("shared")) == {"a": (1, 2)}
+    assert Cache(engine, schema=django_schemas[0], pickle="another-key-0123456789").get(cache.make_key("shared")) \
+        is None  # signed under SECRET_KEY: under any other key it is a miss, never unpickled
 
 
 @pytest.mark.parametrize("options, message", [

@@ -42,15 +42,16 @@ def test_every_n_writes_a_write_removes_twice_as_many_expired_rows(engine, schem
     assert cache.get("new0") == 0 and cache.get("counter19") == 1
 
 
-def test_expiry_on_write_leaves_live_rows_and_other_users_alone(engine, schema):
-    other = Cache(engine, schema=schema, user_id="someone_else", expire_every=None)
+def test_expiry_on_write_leaves_live_rows_and_other_users_alone(engine, schema, role_engine):
+    someone_else, other_engine = role_engine("other")
+    other = Cache(other_engine, schema=schema, expire_every=None)
     other.set_many({f"theirs{i}": i for i in range(5)}, ttl=60)
-    _expire_now(engine, schema, "someone_else")
+    _expire_now(engine, schema, someone_else)
     mine = Cache(engine, schema=schema, expire_every=5)
     mine.set_many({f"live{i}": i for i in range(5)}, ttl=600)
     mine.set_many({f"more{i}": i for i in range(5)})
     assert _rows(engine, schema) == 10
-    assert _rows(engine, schema, "someone_else") == 5
+    assert _rows(engine, schema, someone_else) == 5
     assert mine.stats()["expired_on_write"] == 0
 
 
@@ -73,14 +74,14 @@ def test_max_entries_trims_the_oldest_entries_first(engine, schema):
     assert cache.stats()["trimmed"] == 200
 
 
-def test_max_entries_counts_each_role_separately(engine, schema):
-    other = Cache(engine, schema=schema, user_id="someone_else")
-    other.set_many({f"theirs{i}": i for i in range(80)})
+def test_max_entries_counts_each_role_separately(engine, schema, role_engine):
+    someone_else, other_engine = role_engine("other")
+    Cache(other_engine, schema=schema).set_many({f"theirs{i}": i for i in range(80)})
     cache = Cache(engine, schema=schema, max_entries=50)
     for i in range(100):
         cache.set(f"k{i:03d}", i)
     assert _rows(engine, schema) == 50
-    assert _rows(engine, schema, "someone_else") == 80
+    assert _rows(engine, schema, someone_else) == 80
 
 
 def test_a_rewritten_key_counts_as_new(engine, schema):
@@ -94,22 +95,18 @@ def test_a_rewritten_key_counts_as_new(engine, schema):
     assert cache.get("k01") is None
 
 
-def test_a_failing_expiry_batch_never_fails_the_write(engine, schema, make_role, caplog):
-    name, url = make_role("noexpiry")
+def test_a_failing_expiry_batch_never_fails_the_write(engine, schema, role_engine, caplog):
+    _, noexpiry = role_engine("noexpiry")
     with engine.begin() as connection:
-        connection.execute(text(f'REVOKE DELETE ON "{schema}".cache FROM PUBLIC'))
-    role_engine = create_engine(url)
-    try:
-        cache = Cache(role_engine, schema=schema, expire_every=1)
-        with caplog.at_level(logging.WARNING, logger="fastpgcache"):
-            assert cache.set("a", 1) is True
-            assert cache.set("b", 2) is True
-        assert cache.get("a") == 1 and cache.get("b") == 2
-        warnings = [r for r in caplog.records if "expiry on write failed" in r.getMessage()]
-        assert len(warnings) == 1
-        assert "the writes themselves succeeded" in warnings[0].getMessage()
-    finally:
-        role_engine.dispose()
+        connection.execute(text(f'REVOKE EXECUTE ON FUNCTION "{schema}".cache_expire_batch FROM PUBLIC'))
+    cache = Cache(noexpiry, schema=schema, expire_every=1)
+    with caplog.at_level(logging.WARNING, logger="fastpgcache"):
+        assert cache.set("a", 1) is True
+        assert cache.set("b", 2) is True
+    assert cache.get("a") == 1 and cache.get("b") == 2
+    warnings = [r for r in caplog.records if "expiry on write failed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "the writes themselves succeeded" in warnings[0].getMessage()
 
 
 @pytest.mark.parametrize("options, message", [
@@ -132,7 +129,7 @@ def test_the_check_for_max_entries_runs_rarely_for_large_caps():
     assert due[-1].trim == 10_000 and due[-1].expire == 100
 
 
-def test_expiry_batch_uses_the_expires_at_index(engine, schema, explain):
+def test_expiry_batch_uses_the_expires_at_index(engine, schema, nested_plans):
     # A role's many live rows and a few expired ones: the batch must find the expired ones
     # through the partial expires_at index, not by walking the role's rows or the table.
     cache = Cache(engine, schema=schema, expire_every=None)
@@ -143,7 +140,6 @@ def test_expiry_batch_uses_the_expires_at_index(engine, schema, explain):
     with engine.connect() as connection:
         connection.execute(text(f'ANALYZE "{schema}".cache'))
         connection.commit()
-    for statement in (cache._s.expire_batch, cache._s.cleanup_mine):
-        plan = explain(cache, statement, {"batch": 100})
-        assert "cache_expires_at_idx" in plan and "Seq Scan" not in plan, plan
+    plan = nested_plans(cache, cache._s.expire_batch, {"batch": 100, "skip_locked": False})
+    assert "Delete on cache" in plan and "cache_expires_at_idx" in plan and "Seq Scan on cache " not in plan, plan
     assert cache.cleanup() == 100

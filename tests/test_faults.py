@@ -123,7 +123,7 @@ def _backend_waiting_on_a_lock(engine, schema, outcome, seconds=15.0) -> int:
         while time.monotonic() < deadline:
             pid = connection.execute(text(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
-                "AND query LIKE 'INSERT INTO%' AND position(:schema in query) > 0"), {"schema": schema}).scalar()
+                "AND position(:schema in query) > 0"), {"schema": schema}).scalar()
             if pid:
                 return pid
             time.sleep(0.02)

@@ -19,7 +19,8 @@ BACKEND = "fastpgcache.contrib.flask.FastPgCache"
 
 def make_app(pg_url, schema, **config):
     app = flask.Flask(f"app_{uuid.uuid4().hex[:6]}")
-    app.config.update(CACHE_TYPE=BACKEND, CACHE_FASTPGCACHE_URL=pg_url, **config)
+    app.config.update(CACHE_TYPE=BACKEND, CACHE_FASTPGCACHE_URL=pg_url, SECRET_KEY="tests-only-" + uuid.uuid4().hex,
+                      **config)
     if schema is not None:
         app.config["CACHE_FASTPGCACHE_SCHEMA"] = schema
     return app
@@ -146,9 +147,26 @@ def test_clear_removes_only_its_own_prefix(pg_url, schema):
 
 def test_url_defaults_to_the_apps_sqlalchemy_uri(pg_url, schema):
     app = flask.Flask("uri_app")
-    app.config.update(CACHE_TYPE=BACKEND, SQLALCHEMY_DATABASE_URI=pg_url, CACHE_FASTPGCACHE_SCHEMA=schema)
+    app.config.update(CACHE_TYPE=BACKEND, SQLALCHEMY_DATABASE_URI=pg_url, CACHE_FASTPGCACHE_SCHEMA=schema,
+                      SECRET_KEY="tests-only-secret-key")
     backend = flask_caching.Cache(app).cache
     assert backend.set("k", "v") and backend.get("k") == "v"
+
+
+def test_pickles_are_signed_with_the_secret_key_or_refused_without_one(pg_url, schema):
+    without = flask.Flask("no_key")
+    without.config.update(CACHE_TYPE=BACKEND, CACHE_FASTPGCACHE_URL=pg_url, CACHE_FASTPGCACHE_SCHEMA=schema)
+    with pytest.raises(ValueError, match="SECRET_KEY"):
+        flask_caching.Cache(without)
+    first = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="same_")).cache
+    first.set("obj", {1, 2})
+    assert first.get("obj") == {1, 2}
+    other_key = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="same_")).cache
+    assert other_key.get("obj") is None  # another SECRET_KEY: never unpickled, a miss
+    explicit = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="same_",
+                                            CACHE_FASTPGCACHE_PICKLE_KEY="an-explicit-key-0123")).cache
+    explicit.set("obj", (3, 4))
+    assert explicit.get("obj") == (3, 4) and first.get("obj") is None
 
 
 def test_missing_url_says_what_to_set():
@@ -245,12 +263,12 @@ def test_clear_with_a_prefix_is_one_statement(pg_url, schema, monkeypatch):
     statements, run = [], backend.store._run
 
     def recording_run(pooled, dialect, statement, params, consume):
-        statements.append(str(statement).split()[0])
+        statements.append(str(statement).split("(")[0])
         return run(pooled, dialect, statement, params, consume)
 
     monkeypatch.setattr(backend.store, "_run", recording_run)
     assert backend.clear() is True
-    assert statements == ["DELETE"]  # not a SELECT of every key first
+    assert statements == [f"SELECT {schema}.cache_clear"]  # one call of the clear function, no key listed first
     assert backend.get_many("k0", "k4") == [None, None]
     assert other.get("k0") == "kept"
 

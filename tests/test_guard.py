@@ -12,8 +12,7 @@ from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from fastpgcache import Cache, FastPgCache
-from fastpgcache.guard import NegativeLookupGuard, _Listener, key_token, notify_channel
-from fastpgcache.cache import listen_sql
+from fastpgcache.guard import NegativeLookupGuard, _Listener, listen_sql
 
 
 def eventually(check, timeout: float = 5.0):
@@ -51,18 +50,19 @@ def url_string(pg_url) -> str:
     return make_url(pg_url).render_as_string(hide_password=False)
 
 
-def test_notifications_carry_the_hash_the_client_computes(engine, schema, writer):
+def test_notifications_carry_keyed_hashes_on_the_role_s_own_channel(engine, schema, writer):
+    identity = writer._identity_now()
     pool = engine.pool.recreate()
     listener = _Listener(pool)
     try:
-        listener.listen(notify_channel(schema, "cache"))
+        listener.run(listen_sql(identity.channel))
         writer.set_many({"user:1": 1, "ключ": 2})
-        user = writer._current_user()
         payloads = eventually(lambda: listener.receive(0.1))
     finally:
         listener.close()
-    assert sorted(" ".join(payloads).split()) == sorted([key_token(user, "user:1"), key_token(user, "ключ")])
-    assert "user:1" not in payloads[0] and user not in payloads[0]
+    assert sorted(" ".join(payloads).split()) == sorted([identity.token("user:1"), identity.token("ключ")])
+    assert "user:1" not in payloads[0] and identity.user not in payloads[0]
+    assert identity.channel.startswith("fastpgcache_") and identity.secret.hex()[:8] not in identity.channel
 
 
 def test_a_trusted_guard_answers_misses_without_touching_the_database(engine, guarded):
@@ -132,15 +132,15 @@ def test_the_filter_is_rebuilt_larger_when_it_passes_its_capacity(engine, schema
         guard.stop()
 
 
-def test_without_the_trigger_the_guard_turns_off_with_one_log_line(engine, schema, writer, caplog):
-    with engine.begin() as connection:
-        connection.execute(text(f'DROP TRIGGER cache_notify_insert ON "{schema}".cache'))
+def test_on_a_table_without_write_functions_the_guard_turns_off_with_one_log_line(engine, schema, writer, caplog):
     writer.set("present", 1)
+    with engine.begin() as connection:  # as an older table, before migration 0004
+        connection.execute(text(f'DROP FUNCTION "{schema}".cache_set'))
     cache = Cache(engine, schema=schema)
     with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
         guard = start_guard(cache)
         assert guard.wait_until_trusted(5) is False
-    assert guard.state.startswith("off: the table has no insert-notification trigger")
+    assert guard.state.startswith(f"off: {schema}.cache has no write function cache_set")
     assert [r.getMessage() for r in caplog.records if "fastpgcache-admin" in r.getMessage()] != []
     assert len(caplog.records) == 1
     assert cache.get("present") == 1 and cache.get("absent") is None
@@ -157,52 +157,50 @@ def test_without_pybloomfiltermmap3_the_guard_turns_off(engine, schema, writer, 
     assert cache.get("present") == 1
 
 
-def listeners(engine, channel: str) -> int:
-    """Backends parked on the guard's LISTEN (the listener connection runs nothing else)."""
+def listening(engine, pid: int) -> bool:
+    """Whether the guard's listener backend is still there."""
     with engine.connect() as connection:
-        return connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE query = :q"),
-                                  {"q": listen_sql(channel)}).scalar()
+        return connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar() == 1
 
 
 def test_a_dropped_listener_stops_answering_until_it_has_re_warmed(engine, guarded, writer):
     guard = guarded.guard
+    first = guard._listener.pid
     with engine.begin() as connection:
-        killed = connection.execute(text(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = :q"),
-            {"q": listen_sql(guard.channel)}).scalar()
-    assert killed == 1
+        killed = connection.execute(text("SELECT pg_terminate_backend(:p)"), {"p": first}).scalar()
+    assert killed
     eventually(lambda: guard.state != "trusted", timeout=2)
     writer.set("while-away", 1)
     # Nobody listens now (the reconnect waits 0.5 s), so no notification of this key
     # will ever arrive: only the re-warm can put it in the filter.
-    assert listeners(engine, guard.channel) == 0
+    assert not listening(engine, first) and guard._listener.pid == first
     assert not guard.definitely_absent("while-away") and not guard.definitely_absent("never-written")
     skips = guarded.stats()["guard_skips"]
     assert guarded.get("while-away") == 1 and guarded.get("never-written") is None
     assert guarded.stats()["guard_skips"] == skips  # untrusted: both went to the database
     assert guard.wait_until_trusted(10)
-    assert listeners(engine, guard.channel) == 1
+    assert guard._listener.pid != first and listening(engine, guard._listener.pid)
     assert not guard.definitely_absent("while-away") and guarded.get("while-away") == 1
     assert guard.definitely_absent("never-written") or guard.definitely_absent("never-written-2")
 
 
-def test_a_guard_on_a_cache_with_an_explicit_user_id_sees_that_user_s_keys(engine, schema):
-    alice_writer = Cache(engine, schema=schema, user_id="alice")
-    bob_writer = Cache(engine, schema=schema, user_id="bob")
+def test_a_guard_hears_only_its_own_role(schema, role_engine):
+    (alice, alice_engine), (_, bob_engine) = role_engine("alice"), role_engine("bob")
+    alice_writer, bob_writer = Cache(alice_engine, schema=schema), Cache(bob_engine, schema=schema)
     alice_writer.set("before", 1)
-    alice = Cache(engine, schema=schema, user_id="alice")
-    guard = start_guard(alice)
+    cache = Cache(alice_engine, schema=schema, user_id=alice)
+    guard = start_guard(cache)
     assert guard.wait_until_trusted(10)
     try:
-        assert not guard.definitely_absent("before") and alice.get("before") == 1
+        assert not guard.definitely_absent("before") and cache.get("before") == 1
         alice_writer.set("after", 2)
         bob_writer.set("bob-only", 3)
-        assert eventually(lambda: alice.get("after"), timeout=2) == 2
-        alice.set("own", 4)
-        assert alice.get("own") == 4
-        # bob's key hashes with bob's name: alice's guard may say absent, and alice must not see it anyway
-        assert alice.get("bob-only") is None and bob_writer.get("bob-only") == 3
-        assert guard.state == "trusted" and guard.definitely_absent("nobody") | guard.definitely_absent("nobody-2")
+        assert eventually(lambda: cache.get("after"), timeout=2) == 2
+        cache.set("own", 4)
+        assert cache.get("own") == 4
+        # bob's channel and hashes are his own: alice's guard never hears of his key
+        assert cache.get("bob-only") is None and bob_writer.get("bob-only") == 3
+        assert guard.state == "trusted" and guard.definitely_absent("bob-only")
     finally:
         guard.stop()
 
@@ -245,20 +243,23 @@ def test_a_writer_in_replica_mode_still_notifies_the_guard(guarded, replica_writ
     assert guarded.guard.state == "trusted"
 
 
-@pytest.mark.parametrize("change", ["ALTER TABLE {table} DISABLE TRIGGER cache_notify_insert",
-                                    "DROP TRIGGER cache_notify_insert ON {table}"])
-def test_a_disabled_or_dropped_trigger_turns_the_guard_off_within_a_heartbeat(
-        engine, schema, writer, caplog, change):
+@pytest.mark.parametrize("change, reason", [
+    ("GRANT INSERT ON {table} TO PUBLIC", "may write"),
+    ('ALTER FUNCTION "{schema}".cache_set SECURITY INVOKER', "SECURITY DEFINER"),
+    ('DROP FUNCTION "{schema}".cache_set_many', "no write function"),
+])
+def test_a_way_around_the_write_functions_turns_the_guard_off_within_a_heartbeat(
+        engine, schema, writer, caplog, change, reason):
     cache = Cache(engine, schema=schema)
     cache.guard = NegativeLookupGuard(cache, 1000, heartbeat=0.2).start()
     assert cache.guard.wait_until_trusted(10)
     with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
         with engine.begin() as connection:
-            connection.execute(text(change.format(table=f'"{schema}".cache')))
+            connection.execute(text(change.format(table=f'"{schema}".cache', schema=schema)))
         eventually(lambda: cache.guard.state.startswith("off"), timeout=2)
         writer.set("unannounced", 1)
         assert cache.get("unannounced") == 1 and not cache.guard.definitely_absent("unannounced")
-    assert "insert-notification trigger" in cache.guard.state
+    assert reason in cache.guard.state
     assert len([r for r in caplog.records if "negative-lookup guard" in r.getMessage()]) == 1
     cache.guard.stop()
 

@@ -30,8 +30,15 @@ def upgrade() -> None:
         f"CREATE POLICY {options.quote(bind.dialect, options.table + '_own_rows')} ON {qualified}"
         " USING (user_id = current_user) WITH CHECK (user_id = current_user)"
     )
-    for statement in options.grant_statements(bind.dialect):
+    for statement in grant_statements(options, bind.dialect):
         op.execute(statement)
+
+
+def grant_statements(options, dialect) -> list[str]:
+    """This revision's privileges: reads and writes for PUBLIC or the grantee (0004 narrows them)."""
+    grantee = options.grantee(dialect)
+    return [f"GRANT USAGE ON SCHEMA {options.quote(dialect, options.schema)} TO {grantee}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {options.qualified_table(dialect)} TO {grantee}"]
 
 
 def downgrade() -> None:

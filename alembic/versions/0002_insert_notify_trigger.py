@@ -17,9 +17,9 @@ Revision ID: 0002_insert_notify_trigger
 Revises: 0001_cache_table
 Create Date: 2026-11-25
 """
-from alembic import context, op
+import hashlib
 
-from fastpgcache.guard import HASH_BYTES, notify_channel, notify_function_name
+from alembic import context, op
 
 revision = "0002_insert_notify_trigger"
 down_revision = "0001_cache_table"
@@ -31,6 +31,19 @@ HASHES_PER_MESSAGE = 450
 
 MAX_MESSAGES = 64
 """Beyond this many messages (28,800 keys) one statement sends "reset" instead."""
+
+HASH_BYTES = 8
+"""Bytes of sha256(user NUL key) a notification carries per key (as hex)."""
+
+
+def notify_channel(schema: str, table: str) -> str:
+    """The channel of one cache table: a hash, so the name fits in 63 bytes and needs no quoting."""
+    return "fastpgcache_" + hashlib.sha256(f"{schema}\x00{table}".encode()).hexdigest()[:24]
+
+
+def notify_function_name(table: str) -> str:
+    """Name of the trigger and its function, cut to 63 bytes as PostgreSQL would."""
+    return f"{table}_notify_insert".encode()[:63].decode("utf-8", "ignore")
 
 
 def _names():

@@ -11,7 +11,9 @@
         }
     }
 
-Values are pickled, as with Django's other backends. Create the table once
+Values are pickled, as with Django's other backends, and signed with a key derived
+from SECRET_KEY (SECRET_KEY_FALLBACKS still verify), so nobody who can write the
+table can make the application unpickle their code. Create the table once
 with ``python manage.py setup_fastpgcache`` (add ``fastpgcache.contrib.django_app``
 to INSTALLED_APPS) or ``fastpgcache-admin``.
 """
@@ -21,7 +23,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, InvalidC
 from django.core.exceptions import ImproperlyConfigured
 
 from ..cache import Cache, normalize_key
-from . import shared_engine
+from . import shared_engine, stored
 
 OPTIONS = {
     "schema": "schema of the cache table (default public)",
@@ -55,7 +57,7 @@ class FastPgCache(BaseCache):
             raise ImproperlyConfigured("fastpgcache needs LOCATION: a SQLAlchemy URL such as postgresql://user@host/db")
         engine = shared_engine(location, options.get("engine_options"))
         passed = {name: options[name] for name in _CACHE_OPTIONS if name in options}
-        self.store = Cache(engine, pickle=True, **passed)
+        self.store = Cache(engine, pickle=_signing_keys(), **passed)
         """The fastpgcache `Cache` underneath, for what Django's API lacks: ttl(), keys(), cleanup()."""
 
     @staticmethod
@@ -92,7 +94,7 @@ class FastPgCache(BaseCache):
         if seconds == 0:
             # Stored and expired at once: "added" exactly when nothing live was there.
             return not self.store.exists(key)
-        return self.store.set(key, value, seconds, nx=True)
+        return stored(self.store, [], lambda: self.store.set(key, value, seconds, nx=True))
 
     def get(self, key, default=None, version=None):
         return self.store.get(self.make_and_validate_key(key, version=version), default)
@@ -103,7 +105,7 @@ class FastPgCache(BaseCache):
         if seconds == 0:
             self.store.delete(key)
         else:
-            self.store.set(key, value, seconds)
+            stored(self.store, [key], lambda: self.store.set(key, value, seconds))
 
     def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
         key = self.make_and_validate_key(key, version=version)
@@ -145,13 +147,13 @@ class FastPgCache(BaseCache):
 
     def set_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
         """Store every item in one statement (all or nothing); returns the keys that failed: none, or
-        all of them when failsafe mode absorbed a database error."""
+        all of them when failsafe mode absorbed a database error or a value was too large."""
         rows = {self.make_and_validate_key(key, version=version): value for key, value in data.items()}
         seconds = self.get_backend_timeout(timeout)
         if seconds == 0:
             done = self.store.delete_many(rows) is not None
         else:
-            done = self.store.set_many(rows, seconds) == len(rows)
+            done = stored(self.store, list(rows), lambda: self.store.set_many(rows, seconds) == len(rows))
         return [] if done else list(data)
 
     def delete_many(self, keys, version=None):
@@ -163,3 +165,13 @@ class FastPgCache(BaseCache):
 
     def close(self, **kwargs):
         """Nothing to release: the process shares one Engine, whose idle connections wait for the next call."""
+
+
+def _signing_keys() -> list:
+    # Pickles are signed with SECRET_KEY; the fallbacks verify values written before a key rotation.
+    from django.conf import settings
+
+    key = getattr(settings, "SECRET_KEY", None)
+    if not key:
+        raise ImproperlyConfigured("fastpgcache signs the pickles it stores with SECRET_KEY; set SECRET_KEY")
+    return [key, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]

@@ -9,18 +9,18 @@
 Optional settings: CACHE_FASTPGCACHE_SCHEMA, CACHE_FASTPGCACHE_TABLE,
 CACHE_FASTPGCACHE_ENGINE_OPTIONS (keyword arguments for create_engine),
 CACHE_FASTPGCACHE_FAILSAFE (True: database errors read as misses and failed writes),
+CACHE_FASTPGCACHE_PICKLE_KEY (the key pickled values are signed with; default: SECRET_KEY),
 CACHE_KEY_PREFIX, CACHE_DEFAULT_TIMEOUT and CACHE_IGNORE_ERRORS as for every
 Flask-Caching backend. CACHE_OPTIONS may name the same settings as keyword
 arguments (schema=..., failsafe=...); a config value that is set wins.
 """
 from __future__ import annotations
 
-import re
-
 from flask_caching.backends.base import BaseCache
 
 from ..cache import Cache
-from . import shared_engine
+from ..keys import escape_glob
+from . import shared_engine, stored
 
 
 class FastPgCache(BaseCache):
@@ -38,12 +38,12 @@ class FastPgCache(BaseCache):
         backend.get_many("answer", "missing")   # [42, None]
     """
 
-    def __init__(self, url, default_timeout: int = 300, key_prefix: str = "", *, schema: str | None = None,
-                 table: str | None = None, engine_options: dict | None = None, failsafe: bool = False,
-                 ignore_delete_many_errors: bool = False):
+    def __init__(self, url, default_timeout: int = 300, key_prefix: str = "", *, pickle_key,
+                 schema: str | None = None, table: str | None = None, engine_options: dict | None = None,
+                 failsafe: bool = False, ignore_delete_many_errors: bool = False):
         super().__init__(default_timeout=default_timeout, ignore_delete_many_errors=ignore_delete_many_errors)
         self.key_prefix = key_prefix or ""
-        self.store = Cache(shared_engine(url, engine_options), schema=schema, table=table, pickle=True,
+        self.store = Cache(shared_engine(url, engine_options), schema=schema, table=table, pickle=pickle_key,
                            failsafe=failsafe)
         """The fastpgcache `Cache` underneath (keys without the prefix added)."""
 
@@ -55,6 +55,10 @@ class FastPgCache(BaseCache):
             raise ValueError("fastpgcache needs CACHE_FASTPGCACHE_URL (or SQLALCHEMY_DATABASE_URI): "
                              "a SQLAlchemy URL such as postgresql://user@host/db")
         kwargs = {**kwargs, **_config_settings(config, kwargs)}
+        kwargs.setdefault("pickle_key", app.config.get("SECRET_KEY"))
+        if not kwargs["pickle_key"]:
+            raise ValueError("fastpgcache signs the pickles it stores: set the app's SECRET_KEY "
+                             "(or CACHE_FASTPGCACHE_PICKLE_KEY)")
         return cls(url, *args, **kwargs)
 
     def __repr__(self) -> str:
@@ -83,13 +87,13 @@ class FastPgCache(BaseCache):
         if seconds == 0:
             # delete_many, not delete: its None tells a failed delete from an absent key.
             return self.store.delete_many([self._key(key)]) is not None
-        return self.store.set(self._key(key), value, seconds)
+        return stored(self.store, [self._key(key)], lambda: self.store.set(self._key(key), value, seconds))
 
     def add(self, key, value, timeout=None):
         seconds = self._seconds(timeout)
         if seconds == 0:
             return not self.store.exists(self._key(key))
-        return self.store.set(self._key(key), value, seconds, nx=True)
+        return stored(self.store, [], lambda: self.store.set(self._key(key), value, seconds, nx=True))
 
     def set_many(self, mapping, timeout=None):
         """Store every item in one statement (all or nothing); returns the keys set: all, or none on an error."""
@@ -98,7 +102,7 @@ class FastPgCache(BaseCache):
         if seconds == 0:
             done = self.store.delete_many(rows) is not None
         else:
-            done = self.store.set_many(rows, seconds) == len(rows)
+            done = stored(self.store, list(rows), lambda: self.store.set_many(rows, seconds) == len(rows))
         return list(mapping) if done else []
 
     def delete(self, key):
@@ -117,7 +121,7 @@ class FastPgCache(BaseCache):
 
     def clear(self):
         """Remove this prefix's entries (every entry of this role when there is no prefix), in one statement."""
-        pattern = _glob_escape(self.key_prefix) + "*" if self.key_prefix else None
+        pattern = escape_glob(self.key_prefix) + "*" if self.key_prefix else None
         return self.store.clear(pattern) is not None
 
     def inc(self, key, delta=1):
@@ -129,7 +133,7 @@ class FastPgCache(BaseCache):
 
 _SETTINGS = {"key_prefix": "CACHE_KEY_PREFIX", "schema": "CACHE_FASTPGCACHE_SCHEMA",
              "table": "CACHE_FASTPGCACHE_TABLE", "engine_options": "CACHE_FASTPGCACHE_ENGINE_OPTIONS",
-             "failsafe": "CACHE_FASTPGCACHE_FAILSAFE"}
+             "failsafe": "CACHE_FASTPGCACHE_FAILSAFE", "pickle_key": "CACHE_FASTPGCACHE_PICKLE_KEY"}
 _DEFAULT_KEY_PREFIX = "flask_cache_"  # what Flask-Caching fills in when CACHE_KEY_PREFIX is not set
 
 
@@ -141,6 +145,3 @@ def _config_settings(config, options: dict) -> dict:
     return settings
 
 
-def _glob_escape(text: str) -> str:
-    # A prefix is literal text; clear() takes a glob.
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)

@@ -1,0 +1,43 @@
+"""Who a cache writes as: the acting role's row of `<table>_secrets`, and what its secret derives.
+
+Each role has one random 256-bit secret per cache table, which row-level
+security shows to that role alone. The write functions take it as proof of
+who is calling; the negative-lookup guard listens on a channel named after it
+and hears keys as hashes keyed with it, so no other role can listen in, forge
+a message, or confirm a guessed key.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from .model import CHANNEL_PREFIX
+
+TOKEN_HEX_DIGITS = 16
+"""A key's token is this many hex digits of sha256(secret || key); the write functions send the same."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One role's identity for one cache table::
+
+        identity = Identity("alice", secret)
+        identity.token("user:1")   # 16 hex digits only alice (and the table owner) can compute
+    """
+
+    user: str
+    secret: bytes = field(repr=False)
+
+    @property
+    def secret_hex(self) -> str:
+        """The secret as the write functions take it (hex, decoded by the server)."""
+        return self.secret.hex()
+
+    @property
+    def channel(self) -> str:
+        """The role's notification channel, as the secrets table's generated column computes it."""
+        return CHANNEL_PREFIX + hashlib.sha256(self.secret + b"\x00").hexdigest()[:32]
+
+    def token(self, key: str) -> str:
+        """The keyed hash a notification carries for `key`."""
+        return hashlib.sha256(self.secret + key.encode("utf-8")).hexdigest()[:TOKEN_HEX_DIGITS]
