@@ -10,7 +10,9 @@ from .admin import setup_cache
 from .cache import MAX_KEY_BYTES, Cache
 from .client import FastPgCache
 from .cuckoo import CuckooFilter
-from .errors import CacheConnectionError, CacheError, CacheNotSetUpError, CachePermissionError, CacheTimeoutError
+from .errors import (CacheConnectionError, CacheError, CacheLimitError, CacheNotSetUpError, CachePermissionError,
+                     CacheTimeoutError)
+from .keys import escape_glob
 from .model import CacheEntry
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "CacheConnectionError",
     "CacheEntry",
     "CacheError",
+    "CacheLimitError",
     "CacheNotSetUpError",
     "CachePermissionError",
     "CacheTimeoutError",
@@ -26,6 +29,7 @@ __all__ = [
     "DatabricksTokenProvider",
     "FastPgCache",
     "MAX_KEY_BYTES",
+    "escape_glob",
     "setup_cache",
 ]
 

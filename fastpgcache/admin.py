@@ -195,6 +195,35 @@ def _take_admin_lock(connection: Connection, lock_wait: float) -> None:
         time.sleep(0.05)
 
 
+def _lock_table(connection: Connection, options: MigrationOptions, lock_wait: float) -> None:
+    # The migrations' DDL needs the table to itself. Asked for with NOWAIT and retried, so the admin
+    # never waits in the lock queue, where every other session's cache call would queue behind it.
+    table = options.qualified_table(connection.dialect)
+    deadline = time.monotonic() + lock_wait
+    while True:
+        try:
+            with connection.begin_nested():
+                connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE NOWAIT"))
+            return
+        except sa_exc.DBAPIError as error:
+            if sqlstate(error) != "55P03" or time.monotonic() >= deadline:
+                if sqlstate(error) == "55P03":
+                    raise CacheError(f"{options.schema}.{options.table} stayed in use for {lock_wait:g} s "
+                                     f"({_lockers(connection, table)}); retry, or end those sessions") from None
+                raise
+        time.sleep(0.05)
+
+
+def _lockers(connection: Connection, table: str) -> str:
+    # Who holds a lock on the table, for the error: pids and roles (visible to every role).
+    rows = connection.execute(text(
+        "SELECT a.pid, a.usename FROM pg_catalog.pg_locks AS l JOIN pg_catalog.pg_stat_activity AS a"
+        " ON a.pid OPERATOR(pg_catalog.=) l.pid WHERE l.relation OPERATOR(pg_catalog.=)"
+        " pg_catalog.to_regclass(:t) AND l.granted AND a.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()"),
+        {"t": table}).all()
+    return ", ".join(f"backend {row.pid} of {row.usename}" for row in rows) or "by another session"
+
+
 def _upgrade(connection: Connection, options: MigrationOptions, force: bool, lock_wait: float) -> None:
     from alembic import command
 
@@ -203,6 +232,8 @@ def _upgrade(connection: Connection, options: MigrationOptions, force: bool, loc
                        {"ms": str(max(1, round(lock_wait * 1000)))})
     _take_admin_lock(connection, lock_wait)
     status = cache_status(connection, options.schema, options.table, options.owner)
+    if status["exists"] and not status["problems"]:
+        _lock_table(connection, options, lock_wait)
     if status["problems"]:
         extra = len(status["problems"]) - 1
         raise CacheError("refusing to set up: " + status["problems"][0] + (f" (and {extra} more)" if extra else ""))

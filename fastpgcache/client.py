@@ -1,6 +1,9 @@
 """`FastPgCache`: the seed-compatible client. It only wires an Engine to `Cache`; no SQL here."""
 from __future__ import annotations
 
+import logging
+import re
+
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
@@ -40,6 +43,43 @@ def _timeout_options(target: URL, statement_timeout: float | None, lock_timeout:
     return {"options": " ".join(parts)} if parts else {}
 
 
+SECRET_PARAMETERS = ("password", "sslpassword")
+"""libpq parameters that are secrets wherever they are given; never shown in a repr or a log record."""
+
+_SECRET_IN_TEXT = re.compile(r"\b(sslpassword|password)=('(?:[^'\\]|\\.)*'|[^\s'&]+)")
+
+
+def hide_secrets(text: str) -> str:
+    """`text` with every password=... and sslpassword=... value replaced by xxx (a driver's dsn, a URL)."""
+    return _SECRET_IN_TEXT.sub(r"\1=xxx", text)
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks secrets in a pool's log records: psycopg2's connection repr, which the pool logs at DEBUG,
+    shows `sslpassword` in clear."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        hidden = hide_secrets(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
+        return True
+
+
+_REDACT = _RedactSecrets()
+
+
+def _secrets_apart(url: URL) -> tuple[URL, dict]:
+    # A password in the query moves to the URL's own field (which reprs mask); sslpassword leaves the
+    # URL for the driver's connect arguments, so neither repr(engine) nor engine.url shows it.
+    query = dict(url.query)
+    password = query.pop("password", None)
+    secret = {name: query.pop(name) for name in SECRET_PARAMETERS[1:] if name in query}
+    if password is not None and url.password is None:
+        url = url.set(password=password)
+    return url.set(query=query), secret
+
+
 def build_url(connection_string: str | None = None, *, url: str | URL | None = None, host: str = "localhost",
               port: int = 5432, database: str = "postgres", user: str = "postgres",
               password: str | None = None) -> URL:
@@ -77,7 +117,13 @@ def cache_engine(url: str | URL, **options) -> Engine:
         Cache(engine).set("k", "v")
     """
     defaults = {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None, "poolclass": LeasingQueuePool}
+    url, secret = _secrets_apart(make_url(url))
+    if secret:
+        options = {**options, "connect_args": {**secret, **options.get("connect_args", {})}}
     engine = create_engine(url, **{**defaults, **options})
+    pool_logger = getattr(engine.pool.logger, "logger", engine.pool.logger)
+    if _REDACT not in pool_logger.filters:
+        pool_logger.addFilter(_REDACT)
     discard_dead_connections(engine)
     # Up to pool_size connections wait idle; another pool class given in `options` keeps none.
     leases_for(engine, keep=engine.pool.size() if isinstance(engine.pool, LeasingQueuePool) else 0)
@@ -171,7 +217,7 @@ class FastPgCache(Cache):
             connection.close()
 
     def __repr__(self) -> str:
-        return f"<FastPgCache {self.bind.url!r} {self.schema}.{self.table}>"
+        return f"<FastPgCache {hide_secrets(repr(self.bind.url))} {self.schema}.{self.table}>"
 
     def close(self) -> None:
         """Close every pooled connection and stop the negative-lookup guard and token refresher, if any."""

@@ -176,6 +176,7 @@ class NegativeLookupGuard:
         self._probe_payload: str | None = None  # the probe this guard waits for
         self._probe_seen = False
         self._failures = 0
+        self.warm_ups = 0  # full reads of the table: at most one per RESET_SECONDS after a reset
         self._listener: _Listener | None = None
         self._thread: threading.Thread | None = None
 
@@ -228,10 +229,11 @@ class NegativeLookupGuard:
         self.state = "stopped"
 
     def stats(self) -> dict:
-        """State, keys in the filter (estimated) and its capacity."""
+        """State, keys in the filter (estimated), its capacity, and how often the table was read."""
         active = self._active
         return {"state": self.state, "filter_keys": len(active) if active is not None else 0,
-                "filter_capacity": active.capacity if active is not None else self.capacity}
+                "filter_capacity": active.capacity if active is not None else self.capacity,
+                "warm_ups": self.warm_ups}
 
     # -- the listener thread ---------------------------------------------------------
 
@@ -387,6 +389,7 @@ class NegativeLookupGuard:
         """
         while not self._stopping.is_set():
             self._last_warm = time.monotonic()
+            self.warm_ups += 1
             previous = self._active if keep_answering else None
             fresh = self._new_filter(self._rows())
             with self._lock:
