@@ -98,6 +98,15 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: str | os.PathLike | None = None, *, port: int | None = None,
                  password: str | None = None, user: str = "postgres", stop_timeout: int = PG_CTL_WAIT,
                  settings: dict[str, str | int | float] | None = None):
+        # Arguments are checked before the throwaway dir is made, so a bad one leaves nothing behind.
+        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
+            raise ValueError(f"stop_timeout must be a whole number of seconds >= 1, got {stop_timeout!r}")
+        for name, value in (settings or {}).items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name) or isinstance(value, bool) \
+                    or not isinstance(value, (str, int, float)):
+                raise ValueError(f"settings must map setting names to str or number values, got {name!r}: {value!r}")
+        self.stop_timeout = stop_timeout
+        self.settings = dict(settings or {})
         self._throwaway = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="fastpgcache-pg-")) if data_dir is None \
             else Path(data_dir).expanduser().resolve()
@@ -105,14 +114,6 @@ class EmbeddedPostgres:
         self.user = user
         self._password = password
         self._account = None
-        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
-            raise ValueError(f"stop_timeout must be a whole number of seconds >= 1, got {stop_timeout!r}")
-        self.stop_timeout = stop_timeout
-        self.settings = dict(settings or {})
-        for name, value in self.settings.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name) or isinstance(value, bool) \
-                    or not isinstance(value, (str, int, float)):
-                raise ValueError(f"settings must map setting names to str or number values, got {name!r}: {value!r}")
         self._started_here = False
 
     def __repr__(self) -> str:
