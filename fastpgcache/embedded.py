@@ -17,6 +17,8 @@ import atexit
 import importlib.util
 import logging
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -83,7 +85,9 @@ class EmbeddedPostgres:
 
     `password` turns on scram-sha-256 authentication for TCP connections with
     that superuser password (trust otherwise). Nothing is started until `start()`.
-    `stop_timeout` is how long `pg_ctl` waits for the server to stop.
+    `stop_timeout` is how long `pg_ctl` waits for the server to stop. `settings`
+    adds server settings to every start, e.g. `{"shared_preload_libraries": "citus"}`
+    (passed as `-c name=value`; they win over the defaults, such as `max_connections=200`).
 
     When a persistent `data_dir` already has a running server (another process
     started it), `start()` reuses it, and leaving the `with` block or the process
@@ -92,7 +96,17 @@ class EmbeddedPostgres:
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, port: int | None = None,
-                 password: str | None = None, user: str = "postgres", stop_timeout: int = PG_CTL_WAIT):
+                 password: str | None = None, user: str = "postgres", stop_timeout: int = PG_CTL_WAIT,
+                 settings: dict[str, str | int | float] | None = None):
+        # Arguments are checked before the throwaway dir is made, so a bad one leaves nothing behind.
+        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
+            raise ValueError(f"stop_timeout must be a whole number of seconds >= 1, got {stop_timeout!r}")
+        for name, value in (settings or {}).items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name) or isinstance(value, bool) \
+                    or not isinstance(value, (str, int, float)):
+                raise ValueError(f"settings must map setting names to str or number values, got {name!r}: {value!r}")
+        self.stop_timeout = stop_timeout
+        self.settings = dict(settings or {})
         self._throwaway = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="fastpgcache-pg-")) if data_dir is None \
             else Path(data_dir).expanduser().resolve()
@@ -100,9 +114,6 @@ class EmbeddedPostgres:
         self.user = user
         self._password = password
         self._account = None
-        if isinstance(stop_timeout, bool) or not isinstance(stop_timeout, int) or stop_timeout < 1:
-            raise ValueError(f"stop_timeout must be a whole number of seconds >= 1, got {stop_timeout!r}")
-        self.stop_timeout = stop_timeout
         self._started_here = False
 
     def __repr__(self) -> str:
@@ -178,6 +189,8 @@ class EmbeddedPostgres:
         self.port = self.port or _free_port()
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='' "
                    "-c fsync=off -c max_connections=200")
+        # pg_ctl hands the options to a shell, hence the quoting.
+        options += "".join(f" -c {shlex.quote(f'{name}={value}')}" for name, value in self.settings.items())
         result = self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
                            "-o", options, "-w", "-t", str(PG_CTL_WAIT), "start", check=False)
         if result.returncode != 0:

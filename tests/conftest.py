@@ -215,3 +215,14 @@ def start_pgbouncer(pg_url):
         process.terminate()
         process.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def citus():
+    """A started Citus cluster (coordinator + 2 workers, embedded PostgreSQL 18); stopped at the end."""
+    from citus_cluster import CitusCluster, citus_available
+
+    if not citus_available():
+        pytest.skip("Citus is not built into this virtualenv's embedded PostgreSQL: run ../shared/tools/citus.sh build")
+    with CitusCluster() as cluster:
+        yield cluster

@@ -106,6 +106,34 @@ def test_restart_keeps_the_port_and_immediate_stop_then_start_works():
     assert not pg.data_dir.exists()
 
 
-def test_stop_timeout_must_be_whole_seconds():
+@pytest.fixture
+def no_temp_dir(monkeypatch):
+    """Bad arguments are refused before the throwaway data dir is made, so nothing is left behind."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a throwaway data dir was made for arguments that are refused")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+
+
+def test_stop_timeout_must_be_whole_seconds(no_temp_dir):
     with pytest.raises(ValueError, match="whole number of seconds"):
         EmbeddedPostgres(stop_timeout=0)
+
+
+def test_settings_reach_the_server_and_survive_a_restart():
+    pg = EmbeddedPostgres(settings={"work_mem": "7MB", "cluster_name": "two 'words'", "max_connections": 50})
+    try:
+        pg.start()
+        assert _select(pg.url, "SHOW work_mem") == "7MB"
+        assert _select(pg.url, "SHOW max_connections") == "50"  # wins over the default 200
+        pg.restart()
+        assert _select(pg.url, "SHOW cluster_name") == "two 'words'"  # quoted for pg_ctl's shell
+    finally:
+        pg.stop()
+
+
+@pytest.mark.parametrize("settings", [{"bad name": "1"}, {"work_mem": None}, {"fsync": True}])
+def test_settings_must_be_names_and_plain_values(settings, no_temp_dir):
+    with pytest.raises(ValueError, match="settings must map"):
+        EmbeddedPostgres(settings=settings)
