@@ -526,6 +526,12 @@ def upgrade() -> None:
     for table in (secrets_table(options.table), settings_table(options.table), usage_table(options.table)):
         table.to_metadata(MetaData(), schema=options.schema).create(bind)
     run(f"INSERT INTO {names.settings} (max_value_bytes) VALUES ({DEFAULT_MAX_VALUE_BYTES})")
+    # The entry table's policy again, with its operator named in pg_catalog: one created by an older
+    # setup was resolved on whatever search path that admin had.
+    policy = options.quote(bind.dialect, options.table + "_own_rows")
+    run(f"DROP POLICY IF EXISTS {policy} ON {names.cache}")
+    run(f"CREATE POLICY {policy} ON {names.cache} USING (user_id OPERATOR(pg_catalog.=) current_user)"
+        f" WITH CHECK (user_id OPERATOR(pg_catalog.=) current_user)")
     for table in (names.secrets, names.usage):
         # Each role sees (and may enroll) only its own secret and usage.
         run(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
