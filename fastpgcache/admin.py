@@ -319,7 +319,7 @@ def privilege_statements(connection: Connection, options: MigrationOptions, gran
         if role != "PUBLIC" or options.schema != "public":
             statements.append(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
         statements += [f"GRANT SELECT ON {relations[0]} TO {role}",
-                       f"GRANT SELECT, INSERT (user_id) ON {relations[1]} TO {role}",
+                       f"GRANT SELECT ON {relations[1]} TO {role}",
                        f"GRANT SELECT ON {relations[2]} TO {role}", f"GRANT SELECT ON {relations[3]} TO {role}"]
         statements += [f"GRANT EXECUTE ON FUNCTION {signature} TO {role}" for signature, public in ours if public]
     if "PUBLIC" not in grantees and options.schema != "public":

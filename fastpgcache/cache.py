@@ -60,13 +60,16 @@ class Cache(Executor):
     turns it off) a write also deletes a bounded batch of expired rows, and
     with `max_entries` this role's oldest entries past the cap (expiry.py).
     `pickle` takes a signing key (or a list of keys, the first signing) to store
-    other Python objects as signed pickles (codec.py).
+    other Python objects as signed pickles (codec.py). `cull_max_entries` culls
+    as Django's DatabaseCache does: a write that finds more entries of this role
+    removes the expired ones, then 1/`cull_frequency` of the rest, oldest first.
     """
 
     def __init__(self, bind, *, schema: str | None = None, table: str | None = None,
                  user_id: str | None = None, pickle=None, guard=None, failsafe: bool = False,
                  on_error: Callable[[BaseException, str], Any] | None = None,
-                 expire_every: int | None = 50, max_entries: int | None = None):
+                 expire_every: int | None = 50, max_entries: int | None = None,
+                 cull_max_entries: int | None = None, cull_frequency: int = 3):
         if not isinstance(bind, self._bind_types):
             names = ", ".join(kind.__name__ for kind in self._bind_types[:-1]) + f" or {self._bind_types[-1].__name__}"
             raise TypeError(f"bind must be a SQLAlchemy {names}, not {type(bind).__name__}")
@@ -87,6 +90,11 @@ class Cache(Executor):
         self._failsafe = Failsafe(failsafe, on_error)
         # Expiry on write and max_entries trimming: bounded batches, so no cron is needed.
         self._expiry = ExpiryOnWrite(expire_every, max_entries)
+        # Django's culling, done by the write functions in the write's own statement (exact, O(entries)).
+        check_positive_int("cull_max_entries", cull_max_entries, none_means="to turn culling off")
+        if not isinstance(cull_frequency, int) or isinstance(cull_frequency, bool) or cull_frequency < 0:
+            raise ValueError(f"cull_frequency must be an int >= 0 (0 empties the cache), got {cull_frequency!r}")
+        self._cull = {"cull_max": cull_max_entries, "cull_frequency": cull_frequency if cull_max_entries else None}
         self._s = statements_for(self.schema, self.table, user_id)
         self._where = f"{self.schema}.{self.table}"
         self._compiled = {}
@@ -175,7 +183,7 @@ class Cache(Executor):
         key = normalize_key(key)
         flags, data = self._serialize(value, key)
         params = {"k": key, "val": data.hex(), "flg": flags, "ttl": normalize_ttl(ttl),
-                  "mode": SET_NX if nx else SET_XX if xx else SET}
+                  "mode": SET_NX if nx else SET_XX if xx else SET, **self._cull}
         stored = yield from self._call(self._s.set, params)
         if stored:
             self._remember([key])
@@ -285,7 +293,7 @@ class Cache(Executor):
         if not rows:
             return 0
         params = {"ks": text_array(rows), "vals": bytea_array(data for _, data in rows.values()),
-                  "flgs": int_array(flags for flags, _ in rows.values()), "ttl": seconds}
+                  "flgs": int_array(flags for flags, _ in rows.values()), "ttl": seconds, **self._cull}
         count = yield from self._call(self._s.set_many, params)
         self._remember(rows)
         yield from self._expire_on_write(len(rows))

@@ -18,10 +18,10 @@ from .model import routine_name, secrets_table, settings_table, usage_table
 VERSION_TABLE = "fastpgcache_alembic_version"
 """Alembic version table of the cache schema; never the application's `alembic_version`."""
 
-WRITE_VERBS = ("set", "set_many", "delete", "expire", "incr", "clear", "expire_batch", "trim", "claim")
+WRITE_VERBS = ("enroll", "set", "set_many", "delete", "expire", "incr", "clear", "expire_batch", "trim", "claim")
 """The write functions ordinary roles call (migration 0004)."""
 
-HELPER_VERBS = ("hold", "charge", "announce", "cleanup_all")
+HELPER_VERBS = ("hold", "charge", "announce", "cull", "cleanup_all")
 """The write functions' own helpers and the owner's cleanup."""
 
 SEARCH_PATH = "SET LOCAL search_path = pg_catalog, pg_temp"

@@ -257,7 +257,8 @@ class NegativeLookupGuard:
         listener = self._listener = _Listener(self._pool)
         try:
             self._check_trust()
-            self._identity = self._identity or self._cache._identity_now()
+            # Read anew at every (re)connect: a table forced anew by the admin gives every role a new secret.
+            self._identity = self._cache._identity_now()
             self.channel = self._identity.channel
             self._listen(listener)
             self._check_queue(listener, first=True)

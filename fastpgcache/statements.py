@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import MetaData, and_, any_, bindparam, case, cast, literal, literal_column, or_, select, text
+from sqlalchemy import MetaData, and_, any_, bindparam, case, cast, literal, literal_column, or_, select
 from sqlalchemy.sql.functions import Function
 from sqlalchemy.types import UserDefinedType
 
@@ -127,9 +127,6 @@ class Statements:
         secrets = secrets_table(table_name).to_metadata(MetaData(), schema=schema)
         self.identity = select(secrets.c.user_id, secrets.c.secret, secrets.c.channel).where(
             eq(secrets.c.user_id, self.user))
-        # A role's first use creates its secret (the column default): only its own, row-level security says.
-        self.enroll = text(f'INSERT INTO {_qualified(secrets)} (user_id) VALUES ({_ACTING_ROLE})'
-                           " ON CONFLICT (user_id) DO NOTHING")
         usage = usage_table(table_name).to_metadata(MetaData(), schema=schema)
         self.usage = select(usage.c.entries, usage.c.bytes).where(eq(usage.c.user_id, self.user))
 
@@ -141,9 +138,10 @@ class Statements:
             return statement
 
         value, ttl = byte_param("val"), param("ttl", FLOAT8)
-        self.set = call("set", param("k", TEXT), value, param("flg", INT2), ttl, param("mode", INT2))
+        cull = (param("cull_max", INT8), param("cull_frequency", INT4))  # Django's culling, or NULL
+        self.set = call("set", param("k", TEXT), value, param("flg", INT2), ttl, param("mode", INT2), *cull)
         self.set_many = call("set_many", array_param("ks", TEXT_ARRAY), array_param("vals", BYTEA_ARRAY),
-                             array_param("flgs", INT2_ARRAY), ttl)
+                             array_param("flgs", INT2_ARRAY), ttl, *cull)
         self.delete = call("delete", array_param("ks", TEXT_ARRAY))
         self.expire = call("expire", param("k", TEXT), ttl)
         self.incr = call("incr", param("k", TEXT), param("amount", INT8), param("create", BOOL))
@@ -152,15 +150,13 @@ class Statements:
         self.trim = call("trim", param("keep", INT8), param("batch", INT4))
         self.claim = call("claim", param("k", TEXT))
         self.cleanup_all = call("cleanup_all", param("batch", INT4), identified=False)
+        # A role's first write creates its secret, through a function: only for the role it acts as.
+        self.enroll = call("enroll", identified=False)
         # get_or_set waits for another caller's claim at most the caller's `wait`, whatever the
         # connection's own timeouts say (for this transaction only).
         self.lock_wait = select(pg("set_config", literal("lock_timeout"), param("lock_ms", TEXT), literal(True)),
                                 pg("set_config", literal("statement_timeout"), param("statement_ms", TEXT),
                                    literal(True)))
-
-
-def _qualified(table) -> str:
-    return f'"{table.schema}"."{table.name}"'
 
 
 @functools.lru_cache(maxsize=128)

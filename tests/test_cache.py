@@ -487,3 +487,46 @@ def test_reads_use_the_primary_key_without_a_user_id(engine, cache, explain):
         plan = explain(cache, statement, params)
         assert "Seq Scan" not in plan and "user_id =" in plan.split("Index Cond:")[1], plan
     assert cache.get("row:3:3") == 3 and len(cache.get_many([f"row:3:{i}" for i in range(100)])) == 100
+
+
+@pytest.mark.parametrize("frequency, remaining", [(3, 29), (0, 18)])
+def test_cull_as_django_s_database_cache_does(engine, schema, frequency, remaining):
+    # Django's own culling tests: 49 writes into a cache of MAX_ENTRIES 30 leave 29 (CULL_FREQUENCY 3)
+    # or, for its DatabaseCache, 18 (0: empty the cache when a write finds it over the limit).
+    cache = Cache(engine, schema=schema, cull_max_entries=30, cull_frequency=frequency)
+    for i in range(1, 50):
+        cache.set(f"cull{i}", "value", 1000)
+    assert sum(cache.exists(f"cull{i}") for i in range(1, 50)) == remaining
+    assert cache.stats()["entries"] == remaining
+    if frequency:
+        assert cache.exists("cull49") and not cache.exists("cull1")  # the oldest went first
+
+
+def test_cull_removes_expired_entries_first_and_set_many_culls_too(engine, schema):
+    cache = Cache(engine, schema=schema, cull_max_entries=10, cull_frequency=2)
+    cache.set_many({f"old{i}": i for i in range(6)}, ttl=0.1)
+    cache.set_many({f"live{i}": i for i in range(5)})
+    time.sleep(0.2)
+    cache.set("one-more", 1)  # 11 entries found: the 6 expired ones go, the live ones stay
+    assert cache.stats()["entries"] == 6 and cache.stats()["expired"] == 0
+    cache.set_many({f"batch{i}": i for i in range(10)})
+    assert cache.stats()["entries"] == 16  # 16 found on the next write, which culls half, oldest first
+    cache.set("after", 1)
+    assert cache.stats()["entries"] == 9 and cache.exists("batch9") and not cache.exists("live0")
+    with pytest.raises(ValueError, match="cull_frequency"):
+        Cache(engine, schema=schema, cull_max_entries=10, cull_frequency=-1)
+
+
+@pytest.mark.parametrize("stored", ["05", " 5", "5 ", "+5", "-0", "\t5\n", "0x10", "1_000", "0o17", "0b101", "5.0",
+                                    "99999999999999999999", "", "١٢"])
+def test_incr_takes_only_canonical_decimal_integers_as_redis_does(cache, stored):
+    cache.set("n", stored)
+    with pytest.raises(ValueError, match="not an integer|overflows"):
+        cache.incr("n")
+    assert cache.get("n") == stored  # unchanged
+
+
+@pytest.mark.parametrize("stored, result", [("5", 6), ("-5", -4), ("0", 1), (5, 6), ("9223372036854775806", 2**63 - 1)])
+def test_incr_of_canonical_integers(cache, stored, result):
+    cache.set("n", stored)
+    assert cache.incr("n") == result

@@ -150,6 +150,7 @@ def test_a_set_many_killed_midway_raises_clearly_and_writes_nothing(pg_url, engi
     with FastPgCache(url=pg_url, schema=schema, lock_timeout=20, statement_timeout=20,
                      use_cuckoo_filter=False) as cache, \
             Session(engine) as blocker:
+        cache.set("enrolled", 1)  # the role's secret exists before the blocker's transaction starts
         Cache(blocker, schema=schema).set("k0500", "held by another transaction")  # not committed
         assert cache.get("k0500") is None, "the blocking row must still be uncommitted"
         thread, outcome = _in_thread(lambda: cache.set_many(batch))

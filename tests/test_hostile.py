@@ -381,7 +381,7 @@ def test_values_past_the_server_s_limit_fail_clearly_and_change_nothing(engine, 
         with mallory[1].connect() as connection:  # the functions check what the client skips
             identity = Cache(connection, schema=schema)._identity_now()
             with pytest.raises(sa_exc.DBAPIError, match="limit is 1024 bytes"):
-                connection.execute(text(f'SELECT "{schema}".cache_set(:u, :s, :k, :v, 1::int2, NULL, 0::int2)'),
+                connection.execute(text(f'SELECT "{schema}".cache_set(:u, :s, :k, :v, 1::int2, NULL, 0::int2, NULL, NULL)'),
                                    {"u": identity.user, "s": identity.secret, "k": "k" * 5000, "v": b"x"})
         every_call(cache, "unaffected")
     finally:
@@ -572,9 +572,9 @@ def test_code_of_another_role_cannot_write_as_its_caller(engine, schema, victim,
                 f'CREATE FUNCTION "trap_{mallory_name}".helpful() RETURNS text LANGUAGE plpgsql SECURITY DEFINER AS $$'
                 f" DECLARE mine boolean; theirs boolean; BEGIN"
                 f" mine := \"{schema}\".cache_set('{identity.user}', '\\x{identity.secret.hex()}'::bytea, 'planted',"
-                f" 'x'::bytea, 1::int2, NULL, 0::int2);"
+                f" 'x'::bytea, 1::int2, NULL, 0::int2, NULL, NULL);"
                 f" theirs := \"{schema}\".cache_set(session_user::text, '\\x00'::bytea, 'planted', 'x'::bytea, 1::int2,"
-                f" NULL, 0::int2);"
+                f" NULL, 0::int2, NULL, NULL);"
                 f" RETURN coalesce(mine::text, 'refused') || ' ' || coalesce(theirs::text, 'refused'); END $$"))
             connection.execute(text(f'GRANT EXECUTE ON FUNCTION "trap_{mallory_name}".helpful() TO PUBLIC'))
         with victim_engine.begin() as connection:

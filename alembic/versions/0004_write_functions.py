@@ -55,10 +55,10 @@ MAX_MESSAGES = 64
 MAX_KEY_BYTES = 1024
 """The client's key limit (fastpgcache.keys.MAX_KEY_BYTES), enforced here for callers that skip the client."""
 
-PUBLIC_ROUTINES = ("set", "set_many", "delete", "expire", "incr", "clear", "expire_batch", "trim", "claim")
+PUBLIC_ROUTINES = ("enroll", "set", "set_many", "delete", "expire", "incr", "clear", "expire_batch", "trim", "claim")
 """What ordinary roles may EXECUTE; the rest are the functions' own helpers, or the owner's."""
 
-INTERNAL_ROUTINES = ("hold", "charge", "announce", "cleanup_all")
+INTERNAL_ROUTINES = ("hold", "charge", "announce", "cull", "cleanup_all")
 
 
 class _Names:
@@ -89,11 +89,13 @@ def _names() -> _Names:
 
 # Every public function starts here: the caller must hold p_user's secret and be acting as p_user
 # now. NULL (nothing written) otherwise; the client then re-reads its secret once and retries.
+# The role the caller acts as: the one set by SET ROLE, else the login. Inside another role's SECURITY
+# DEFINER function this is still the session's role, not that function's owner.
+_ACTING = "CASE current_setting('role') WHEN 'none' THEN session_user::text ELSE current_setting('role') END"
+
 _VERIFY = """
     SELECT s.channel INTO v_channel FROM {secrets} AS s
-     WHERE s.user_id = p_user AND s.secret = p_secret
-       AND p_user = CASE current_setting('role') WHEN 'none' THEN session_user::text
-                         ELSE current_setting('role') END;
+     WHERE s.user_id = p_user AND s.secret = p_secret AND p_user = """ + _ACTING + """;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -185,9 +187,45 @@ BEGIN
         PERFORM pg_notify(p_channel, substr(v_tokens, v_start + 1, {CHUNK} - 1));
     END LOOP;
 END"""),
+    # A role's first write creates its secret (the column's random default), for the role it acts as only.
+    "enroll": ("()", "void", """
+BEGIN
+    INSERT INTO {secrets} AS s (user_id) VALUES (""" + _ACTING + """) ON CONFLICT (user_id) DO NOTHING;
+END"""),
+    # Django's MAX_ENTRIES/CULL_FREQUENCY, for the role's rows: a write that finds more than p_max
+    # entries first removes the expired ones, then 1/p_frequency of the rest, oldest first (0: all).
+    "cull": ("(p_user text, p_max bigint, p_frequency integer, p_now timestamptz, p_quota boolean)", "void", """
+    v_count bigint;
+    v_keys text[];
+    v_removed bigint;
+    v_bytes bigint;
+BEGIN
+    SELECT count(*) INTO v_count FROM {cache} AS c WHERE c.user_id = p_user;
+    IF v_count <= p_max THEN
+        RETURN;
+    END IF;
+    IF p_frequency = 0 THEN
+        SELECT {batch_keys} INTO v_keys FROM {cache} AS e WHERE e.user_id = p_user;
+    ELSE
+        SELECT {batch_keys} INTO v_keys FROM {cache} AS e WHERE e.user_id = p_user AND e.expires_at <= p_now;
+        IF v_count - cardinality(v_keys) > p_max THEN
+            SELECT v_keys || {batch_keys} INTO v_keys FROM (
+                SELECT e.key FROM {cache} AS e WHERE e.user_id = p_user AND NOT e.key = ANY (v_keys)
+                 ORDER BY e.created_at, e.key LIMIT (v_count - cardinality(v_keys)) / p_frequency) AS e;
+        END IF;
+    END IF;
+    WITH gone AS (
+        DELETE FROM {cache} AS c WHERE c.user_id = p_user AND c.key = ANY (v_keys)
+        RETURNING octet_length(c.key) + octet_length(c.value) AS size)
+    SELECT count(*), coalesce(sum(g.size), 0) INTO v_removed, v_bytes FROM gone AS g;
+    IF p_quota THEN
+        PERFORM {charge}(p_user, -v_removed, -v_bytes, p_now);
+    END IF;
+END"""),
     # p_mode 0: always; 1: only if absent or expired (nx); 2: only if present and live (xx).
     "set": ("(p_user text, p_secret bytea, p_key text, p_value bytea, p_flags smallint, "
-            "p_ttl double precision, p_mode smallint)", "boolean", _DECLARE + """
+            "p_ttl double precision, p_mode smallint, p_cull_max bigint, p_cull_frequency integer)", "boolean",
+            _DECLARE + """
     v_expires timestamptz;
     v_inserted boolean := false;
     v_stored boolean;
@@ -197,6 +235,12 @@ BEGIN""" + _VERIFY + _SIZE_CHECK + """
     END IF;
     IF v_quota THEN
         v_old := {hold}(p_user, ARRAY[p_key]);
+    END IF;
+    IF p_cull_max IS NOT NULL THEN
+        PERFORM {cull}(p_user, p_cull_max, p_cull_frequency, v_now, v_quota);
+        IF v_quota THEN
+            v_old := {hold}(p_user, ARRAY[p_key]);  -- the culled key, if it was one, is gone
+        END IF;
     END IF;
     IF p_mode = 2 THEN
         UPDATE {cache} AS c SET value = p_value, flags = p_flags, expires_at = v_expires, created_at = v_now
@@ -220,7 +264,7 @@ BEGIN""" + _VERIFY + _SIZE_CHECK + """
     RETURN v_stored;
 END"""),
     "set_many": ("(p_user text, p_secret bytea, p_keys text[], p_values bytea[], p_flags smallint[], "
-                 "p_ttl double precision)", "integer", _DECLARE + """
+                 "p_ttl double precision, p_cull_max bigint, p_cull_frequency integer)", "integer", _DECLARE + """
     v_expires timestamptz;
     v_count integer;
     v_fresh text[];
@@ -244,6 +288,12 @@ BEGIN""" + _VERIFY + """
     END IF;
     IF v_quota THEN
         v_old := {hold}(p_user, p_keys);
+    END IF;
+    IF p_cull_max IS NOT NULL THEN
+        PERFORM {cull}(p_user, p_cull_max, p_cull_frequency, v_now, v_quota);
+        IF v_quota THEN
+            v_old := {hold}(p_user, p_keys);
+        END IF;
     END IF;
     WITH written AS (
         INSERT INTO {cache} AS c (user_id, key, value, flags, expires_at, created_at)
