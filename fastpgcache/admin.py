@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .catalog import SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, inspect_cache, read_limits
+from .catalog import SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, acl_holders, inspect_cache, read_limits
 from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, sqlstate, translate
 from .model import DEFAULT_OWNER, DEFAULT_SCHEMA, DEFAULT_TABLE, routine_name, secrets_table, settings_table, usage_table
 
@@ -156,7 +156,9 @@ def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table:
               "row_level_security": bool(entries and entries.relrowsecurity),
               "forced_row_level_security": bool(entries and entries.relforcerowsecurity),
               "revision": revision, "owner": entries.owner if entries else None,
-              "grants": entries.acl if entries else None, "problems": problems, "warnings": [], "limits": {}}
+              "grants": entries.acl if entries else None, "problems": problems, "warnings": [], "limits": {},
+              "readers": acl_holders(entries.acl, "r", entries.owner) if entries else [],
+              "callers": catalog.callers()}
     if catalog.public_may_create:
         status["warnings"].append(f"PUBLIC may CREATE in schema {schema}, so any role can plant functions there; "
                                   f"run: REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC")
@@ -511,7 +513,9 @@ def describe(status: dict) -> str:
         role = status.get("owner_role")
         members = f"; members: {role['members']}" if role and role["members"] else "; no members"
         lines.append(f"  owner: {status['owner']}" + (members if role and role["name"] == status["owner"] else ""))
-        lines.append(f"  grants: {status['grants'] or '(owner only)'}")
+        readers = ", ".join(status["readers"]) or "nobody but the owner"
+        callers = ", ".join(status["callers"]) or "nobody"
+        lines.append(f"  grants: SELECT to {readers}; the write functions to {callers}")
     limits = status.get("limits")
     if limits:
         quota = ", ".join(f"{limits[k]} {k.split('_')[1]}" for k in ("quota_entries", "quota_bytes")

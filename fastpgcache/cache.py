@@ -94,7 +94,7 @@ class Cache(Executor):
         check_positive_int("cull_max_entries", cull_max_entries, none_means="to turn culling off")
         if not isinstance(cull_frequency, int) or isinstance(cull_frequency, bool) or cull_frequency < 0:
             raise ValueError(f"cull_frequency must be an int >= 0 (0 empties the cache), got {cull_frequency!r}")
-        self._cull = {"cull_max": cull_max_entries, "cull_frequency": cull_frequency if cull_max_entries else None}
+        self._cull = {"cull_max": cull_max_entries, "cull_frequency": cull_frequency} if cull_max_entries else {}
         self._s = statements_for(self.schema, self.table, user_id)
         self._where = f"{self.schema}.{self.table}"
         self._compiled = {}
@@ -117,19 +117,12 @@ class Cache(Executor):
     def _serialize(self, value, key: str) -> tuple[int, bytes]:
         return self._codec.serialize(value, key)
 
-    def _decode(self, key: str, flags: int, value: bytes, parse_json: bool = True, default=None):
-        # A pickle whose signature does not verify decodes as `default`: a miss.
-        return self._codec.deserialize(flags, value, key=key, parse_json=parse_json, missing=default)
-
     def _guard_skips(self, key: str) -> bool:
         # The guard's "definitely absent" saves the round trip; it never says so for a present key.
-        if self.guard is not None and self.guard.definitely_absent(key):
+        if self.guard.definitely_absent(key):
             self._lookups["guard_skips"] += 1
             return True
         return False
-
-    def _count_lookup(self, found: bool) -> None:
-        self._lookups["hits" if found else "misses"] += 1
 
     def _remember(self, keys) -> None:
         # Written keys enter the guard before the call returns: this process never misses its own write.
@@ -142,10 +135,12 @@ class Cache(Executor):
         The function answers NULL (and writes nothing) when the identity sent is not
         the acting role's: the role changed (SET ROLE) since it was read. It is read
         again once; still refused means `user_id` names a role this session cannot act as.
+        `params` is the call's own dict: the identity is added to it.
         """
         for _ in (1, 2):
             identity = self._identity or (yield from self._identify())
-            result = yield statement, {**params, "me": identity.user, "secret": identity.secret_hex}, scalar
+            params["me"], params["secret"] = identity.user, identity.secret_hex
+            result = yield statement, params, scalar
             if result is not None:
                 return result
             self._identity = None
@@ -186,8 +181,11 @@ class Cache(Executor):
                   "mode": SET_NX if nx else SET_XX if xx else SET, **self._cull}
         stored = yield from self._call(self._s.set, params)
         if stored:
-            self._remember([key])
-            yield from self._expire_on_write(1)
+            if self.guard is not None:
+                self.guard.remember([key])
+            due = self._due(1)
+            if due is not NOTHING_DUE:
+                yield from self._expire_on_write(due)
         return stored
 
     @operation(fallback=_default_argument)
@@ -199,12 +197,18 @@ class Cache(Executor):
             cache.get("user:1", parse_json=False)   # '{"name":"Alice"}'
         """
         key = normalize_key(key)
-        if self._guard_skips(key):
+        if self.guard is not None and self._guard_skips(key):
             return default
         row = yield self._s.get, {"k": key}, first_row
-        value = default if row is None else self._decode(key, row[1], row[0], parse_json, _MISSING)
-        self._count_lookup(value is not _MISSING and row is not None)
-        return default if value is _MISSING else value
+        if row is None:
+            self._lookups["misses"] += 1
+            return default
+        value = self._codec.deserialize(row[1], row[0], key=key, parse_json=parse_json, missing=_MISSING)
+        if value is _MISSING:  # a pickle whose signature does not verify: a miss
+            self._lookups["misses"] += 1
+            return default
+        self._lookups["hits"] += 1
+        return value
 
     @operation(fallback=answer(False))
     def delete(self, key) -> bool:
@@ -215,10 +219,10 @@ class Cache(Executor):
     def exists(self, key) -> bool:
         """True if `key` holds a value that has not expired."""
         key = normalize_key(key)
-        if self._guard_skips(key):
+        if self.guard is not None and self._guard_skips(key):
             return False
         found = yield self._s.exists, {"k": key}, returned_any
-        self._count_lookup(found)
+        self._lookups["hits" if found else "misses"] += 1
         return found
 
     @operation(fallback=answer(-2))
@@ -266,7 +270,9 @@ class Cache(Executor):
         if not result:
             return None
         self._remember([key])
-        yield from self._expire_on_write(1)
+        due = self._due(1)
+        if due is not NOTHING_DUE:
+            yield from self._expire_on_write(due)
         return int(result[0])
 
     def decr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
@@ -296,7 +302,9 @@ class Cache(Executor):
                   "flgs": int_array(flags for flags, _ in rows.values()), "ttl": seconds, **self._cull}
         count = yield from self._call(self._s.set_many, params)
         self._remember(rows)
-        yield from self._expire_on_write(len(rows))
+        due = self._due(len(rows))
+        if due is not NOTHING_DUE:
+            yield from self._expire_on_write(due)
         return count
 
     @operation(fallback=answer({}))
@@ -305,13 +313,13 @@ class Cache(Executor):
 
             cache.get_many(["a", "b", "nope"])   # {'a': 1, 'b': [2, 3]}
         """
-        wanted = [key for key in key_list(keys) if not self._guard_skips(key)]
+        wanted = [key for key in key_list(keys) if self.guard is None or not self._guard_skips(key)]
         if not wanted:
             return {}
         rows = yield self._s.get_many, {"ks": text_array(wanted)}, all_rows
         found = {}
         for key, value, flags in rows:
-            decoded = self._decode(key, flags, value, parse_json, _MISSING)
+            decoded = self._codec.deserialize(flags, value, key=key, parse_json=parse_json, missing=_MISSING)
             if decoded is not _MISSING:
                 found[key] = decoded
         self._lookups["hits"] += len(found)
@@ -409,13 +417,13 @@ class Cache(Executor):
         guard = self.guard.state if self.guard is not None else "off"
         return {**self._lookups, "guard": guard, **self._failsafe.counters(), **self._expiry.counters()}
 
-    def _expire_on_write(self, writes: int):
-        # Steps a write adds every N writes (expiry.py); their failure never fails the write itself.
-        if not isinstance(self.bind, self._engine_type):
-            return  # in the caller's transaction a failed batch would abort it; engine calls clean up for all
-        due = self._expiry.due(writes)
-        if due is NOTHING_DUE:
-            return
+    def _due(self, writes: int):
+        # Expiry on write (expiry.py) counts Engine binds' writes only: in the caller's transaction a
+        # failed batch would abort it, and Engine calls clean up for everyone.
+        return self._expiry.due(writes) if self._leases is not None else NOTHING_DUE
+
+    def _expire_on_write(self, due):
+        # The batches a write adds every N writes; their failure never fails the write itself.
         expired = trimmed = 0
         try:
             if due.expire:
@@ -508,7 +516,7 @@ class Cache(Executor):
         # This cache on one connection, so the claim, the re-read and the store share one transaction. Its
         # reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears of it.
         twin = copy.copy(self)
-        twin.bind, twin.guard = connection, None
+        twin.bind, twin.guard, twin._leases = connection, None, None
         return twin
 
     @operation(fallback=answer(None))

@@ -48,7 +48,8 @@ SELECT CASE pg_catalog.pg_get_userbyid(n.nspowner) WHEN 'pg_database_owner' THEN
 _FUNCTIONS = text("""
 SELECT p.proname, pg_catalog.pg_get_userbyid(p.proowner) AS owner, p.prosecdef,
        pg_catalog.array_to_string(p.proconfig, ',') AS config,
-       pg_catalog.pg_get_function_identity_arguments(p.oid) AS arguments
+       pg_catalog.pg_get_function_identity_arguments(p.oid) AS arguments,
+       pg_catalog.array_to_string(p.proacl, ' ') AS acl
   FROM pg_catalog.pg_proc AS p JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
  WHERE n.nspname OPERATOR(pg_catalog.=) :schema
    AND p.proname OPERATOR(pg_catalog.=) ANY (CAST(:names AS pg_catalog.name[]))""")
@@ -168,6 +169,11 @@ class CacheCatalog:
                          f"make it NOLOGIN")
         return found
 
+    def callers(self) -> list[str]:
+        """Roles (PUBLIC included) that may call the write functions, as `<table>_set`'s privileges say."""
+        row = next((row for row in self.functions if row.proname == routine_name(self.table, "set")), None)
+        return [] if row is None else acl_holders(row.acl, "X", row.owner)
+
     def write_grants(self) -> list[str]:
         """Roles other than the owner that may write the entry table directly (none should)."""
         row = self.entries
@@ -180,6 +186,16 @@ class CacheCatalog:
             if grantee != row.owner and set(rights) & set("awdDxt"):
                 loose.append(f"{grantee or 'PUBLIC'}={rights}")
         return loose
+
+
+def acl_holders(acl: str | None, right: str, owner: str) -> list[str]:
+    """Roles other than `owner` holding `right` (an aclitem letter: r SELECT, X EXECUTE) in `acl`."""
+    holders = []
+    for item in (acl or "").split():
+        grantee, _, rights = item.partition("=")
+        if right in rights.split("/")[0] and grantee != owner:
+            holders.append(grantee.strip('"') or "PUBLIC")
+    return holders
 
 
 def inspect_cache(connection: Connection, schema: str, table: str, owner_role: str | None) -> CacheCatalog:

@@ -34,8 +34,10 @@ _SCALAR_TYPES = (str, bool, int, float, type(None))
 _SCALARS = frozenset(_SCALAR_TYPES)
 """Exact types JSON stores as themselves; checked by type first, since this runs on every set()."""
 
-# One encoder for every call: json.dumps() with options would build a new one each time.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# One encoder and one decoder for every call: json.dumps() with options would build a new encoder
+# each time, and json.loads() adds a type check around the same decoder.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_DECODE = json.JSONDecoder().decode
 
 
 def _refuse(obj):
@@ -51,6 +53,12 @@ def serialize(value) -> tuple[int, bytes]:
     >>> serialize("123")
     (1, b'123')
     """
+    kind = type(value)  # exact types first: this runs on every set()
+    if kind is str:
+        return TEXT, value.encode("utf-8", "surrogatepass")
+    if kind is dict or kind is list:
+        _check_json(value)
+        return JSON, _ENCODE(value).encode("utf-8")
     if isinstance(value, str):
         return TEXT, value.encode("utf-8", "surrogatepass")
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -59,7 +67,7 @@ def serialize(value) -> tuple[int, bytes]:
         return JSON, json.dumps(value).encode()
     if isinstance(value, (dict, list)):
         _check_json(value)
-        return JSON, _ENCODER.encode(value).encode("utf-8")
+        return JSON, _ENCODE(value).encode("utf-8")
     _refuse(value)
 
 
@@ -82,13 +90,13 @@ def _check_json(value) -> None:
 
 def deserialize(flags: int, data: bytes, *, parse_json: bool = True):
     """Decode what `serialize` produced (not pickles: see `Codec`); parse_json=False returns JSON as text."""
+    if flags == JSON:
+        text = str(data, "utf-8")  # bytes or the driver's memoryview, without a copy
+        return _DECODE(text) if parse_json else text
     if flags == TEXT:
-        return bytes(data).decode("utf-8", "surrogatepass")
+        return str(data, "utf-8", "surrogatepass")
     if flags == RAW:
         return bytes(data)
-    if flags == JSON:
-        text = bytes(data).decode("utf-8")
-        return json.loads(text) if parse_json else text
     if flags == PICKLE:
         raise TypeError("this value was stored as a signed pickle; give the cache the signing key (pickle=SECRET) "
                         "to read it")
@@ -142,7 +150,7 @@ class Codec:
             return serialize(value)
         kind = type(value)
         if kind in (dict, list) and _exact_json(value):
-            return JSON, _ENCODER.encode(value).encode("utf-8")
+            return JSON, _ENCODE(value).encode("utf-8")
         if kind in _SCALARS or kind in (bytes, bytearray, memoryview):
             return serialize(value)
         data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -150,6 +158,8 @@ class Codec:
 
     def deserialize(self, flags: int, data: bytes, *, key: str = "", parse_json: bool = True, missing=None):
         """The stored value, or `missing` for a pickle whose tag does not verify (logged, never unpickled)."""
+        if flags == JSON and parse_json:  # the common case first: it runs on every hit
+            return _DECODE(str(data, "utf-8"))
         if flags != PICKLE or not self.signs:
             return deserialize(flags, data, parse_json=parse_json)
         data = bytes(data)

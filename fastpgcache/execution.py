@@ -2,16 +2,19 @@
 
 Each cache method is written once, as a generator of (statement, params,
 consume) steps; `operation` turns it into a blocking method, and `AsyncCache`
-awaits the very same steps. `Executor` runs one step: the statement compiled
-once per dialect and executed on the driver's own cursor, on the caller's
-Session or Connection (in its transaction) or on a pooled connection of an
-Engine (autocommit, one round trip).
+awaits the very same steps. `Executor` runs one step. Unwatched, the statement
+(compiled once) runs on the driver's own cursor: on a connection of an Engine
+held between calls (leases.py; autocommit, one round trip), or on the caller's
+Session or Connection, in its transaction. When someone watches the Engine
+(`echo`, the `sqlalchemy.engine` logger at INFO, cursor-execute or error
+listeners such as OpenTelemetry's), the step goes through SQLAlchemy's own
+execution instead, so they see every cache statement as SQLAlchemy shows it.
 """
 from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
@@ -42,7 +45,8 @@ def operation(steps=None, *, fallback: Callable[..., Any] | None = None):
             result = self._drive(steps(self, *args, **kwargs))
         except DATABASE_ERRORS as error:
             return self._fall_back(run, error, args, kwargs)
-        self._failsafe.succeeded()
+        if self._failsafe.failing:
+            self._failsafe.succeeded()
         return result
 
     run.steps = steps
@@ -53,6 +57,38 @@ def operation(steps=None, *, fallback: Callable[..., Any] | None = None):
 def answer(value):
     """A failsafe fallback that ignores the call; containers are copied so callers cannot share one."""
     return lambda cache, *args, **kwargs: copy.copy(value)
+
+
+class Compiled(NamedTuple):
+    """A statement as the driver takes it: its SQL, and how to turn a step's params into the driver's."""
+
+    sql: str
+    static: dict | None  # values of the statement's own literal binds, merged under each call's params
+    processing: Any  # the SQLAlchemy compiled form when its binds need SQLAlchemy's processing, else None
+
+    def values(self, params: dict):
+        if self.processing is not None:
+            return self.processing.construct_params(params)
+        return params if self.static is None else {**self.static, **params}
+
+
+def compile_for(statement, dialect) -> Compiled:
+    """`statement` compiled for `dialect`, with its parameters prepared once."""
+    compiled = statement.compile(dialect=dialect)
+    if compiled.positional or compiled._bind_processors:
+        return Compiled(compiled.string, None, compiled)
+    static = {compiled.bind_names[bind]: bind.value for bind in compiled.binds.values() if not bind.required} or None
+    return Compiled(compiled.string, static, None)
+
+
+def watched(engine: Engine) -> bool:
+    """Whether anyone would see statements run on `engine`: its logger, or cursor/error listeners."""
+    # _has_events: SQLAlchemy's own cheap flag, set by any listener; only then are the collections looked at.
+    if engine._has_events or engine.dialect._has_events:
+        if engine.dispatch.before_cursor_execute or engine.dispatch.after_cursor_execute \
+                or engine.dialect.dispatch.handle_error:
+            return True
+    return engine._should_log_info()
 
 
 class Executor:
@@ -84,80 +120,111 @@ class Executor:
     def _params(self, params: dict) -> dict:
         return {"user_id": self.user_id, **params} if self.user_id else params
 
+    def _compiled_for(self, statement, dialect) -> Compiled:
+        # Compiled once per (statement, dialect) for this cache.
+        key = (statement, dialect)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = compile_for(statement, dialect)
+        return compiled
+
+    def _compile(self, statement, dialect):
+        """`statement` as this cache sends it on `dialect` (SQLAlchemy's compiled form, for EXPLAIN and tests)."""
+        return statement.compile(dialect=dialect)
+
     def _execute(self, statement, params: dict, consume: Callable[[Any], Any]):
         """Run one statement and consume its cursor while the connection is still held."""
-        params = self._params(params)
+        if self.user_id:
+            params = {"user_id": self.user_id, **params}
         try:
-            if isinstance(self.bind, Engine):
+            if self._leases is not None:
                 return self._execute_on_engine(statement, params, consume)
-            connection = self.bind.connection() if isinstance(self.bind, (Session, scoped_session)) else self.bind
-            if not connection.in_transaction():
-                connection.begin()  # what SQLAlchemy's autobegin would do: the caller commits or rolls back
-            try:
-                return self._run(connection.connection, connection.dialect, statement, params, consume)
-            except sa_exc.DBAPIError as error:
-                if error.connection_invalidated:
-                    connection.invalidate()
-                raise
+            return self._execute_in_transaction(statement, params, consume)
         except sa_exc.DBAPIError as error:
             raise_translated(error, self._where)
         except sa_exc.TimeoutError:
-            if not isinstance(self.bind, Engine):
+            if self._leases is None:
                 raise
             raise pool_timeout_error(self.bind.pool) from None
 
+    def _execute_in_transaction(self, statement, params, consume):
+        # The caller's Session or Connection: its transaction, begun if need be, as SQLAlchemy's autobegin would.
+        connection = self.bind.connection() if isinstance(self.bind, (Session, scoped_session)) else self.bind
+        if not connection.in_transaction():
+            connection.begin()
+        if watched(connection.engine):
+            return consume(connection.execute(statement, params))
+        fairy = connection.connection
+        cursor = fairy.cursor()
+        try:
+            return self._run(cursor, fairy, connection.dialect, self._compiled_for(statement, connection.dialect),
+                             params, consume)
+        except sa_exc.DBAPIError as error:
+            if error.connection_invalidated:
+                connection.invalidate()
+            raise
+        finally:
+            cursor.close()
+
     def _execute_on_engine(self, statement, params, consume):
         # Each call is one statement, atomic on its own, so it runs in autocommit: one
-        # round trip, no BEGIN/COMMIT (the flag is client-side in psycopg 2 and 3).
+        # round trip, no BEGIN/COMMIT (the flag is client-side in psycopg 2 and 3; an Engine
+        # made by cache_engine() sets it at connect, one passed in has it set for each call).
         # One retry of a read when the pooled connection turns out dead (server restarted);
         # writes are not retried: the first try may have committed (incr would count twice).
+        engine = self.bind
+        if watched(engine):
+            return self._execute_watched(statement, params, consume)
+        dialect = engine.dialect
+        compiled = self._compiled.get(statement) or self._compiled_for_engine(statement)
+        leases = self._leases
         for attempt in (1, 2):
-            pooled = self._leases.acquire()
-            driver = pooled.driver_connection
-            autocommit = driver.autocommit
+            lease = leases.acquire()
+            switch = not leases.autocommit and not lease.driver.autocommit
             try:
-                if not autocommit:
-                    driver.autocommit = True
-                return self._run(pooled, self.bind.dialect, statement, params, consume)
+                if switch:
+                    lease.driver.autocommit = True
+                return self._run(lease.cursor, lease.fairy, dialect, compiled, params, consume)
             except sa_exc.DBAPIError as error:
                 if error.connection_invalidated:
                     # As SQLAlchemy's own execution does: every connection pooled before now is from
                     # the lost server too, so the pool replaces them all, not just this one.
-                    self._leases.lost(pooled, error)
-                    pooled = None
+                    leases.lost(lease, error)
+                    lease = None
                 if attempt == 2 or not error.connection_invalidated or not _is_read(statement):
                     raise
             finally:
-                if pooled is not None:
-                    if not autocommit and pooled.is_valid:
-                        driver.autocommit = autocommit
-                    self._leases.release(pooled)
+                if lease is not None:
+                    if switch and lease.is_valid:
+                        lease.driver.autocommit = False
+                    leases.release(lease)
 
-    def _compile(self, statement, dialect):
-        """`statement` as this cache sends it on `dialect`, compiled once."""
-        compiled = self._compiled.get((statement, dialect))
-        if compiled is None:
-            compiled = self._compiled[(statement, dialect)] = statement.compile(dialect=dialect)
+    def _compiled_for_engine(self, statement) -> Compiled:
+        # An Engine's dialect never changes, so its compiled forms are found by statement alone.
+        compiled = self._compiled[statement] = compile_for(statement, self.bind.dialect)
         return compiled
 
-    def _run(self, pooled, dialect, statement, params, consume):
-        # The statement is compiled once per dialect and executed on the driver's own
-        # cursor: SQLAlchemy's per-call execution machinery cost 2x the round trip itself
-        # on loopback (benchmarks/), while the SQL stays the Core statement.
-        compiled = self._compile(statement, dialect)
-        values = compiled.construct_params(params)
-        cursor = pooled.cursor()
+    def _execute_watched(self, statement, params, consume):
+        # SQLAlchemy's own execution, so echo, logging and every cursor or error listener see the
+        # statement (and hide_parameters holds); each call in autocommit, as the fast path.
+        with self.bind.connect() as connection:
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            return consume(connection.execute(statement, params))
+
+    @staticmethod
+    def _run(cursor, fairy, dialect, compiled: Compiled, params, consume):
+        # The compiled statement on the driver's own cursor: SQLAlchemy's per-call execution
+        # machinery cost 2x the round trip itself on loopback (benchmarks/).
+        values = compiled.values(params)
         try:
-            cursor.execute(compiled.string, values)
+            cursor.execute(compiled.sql, values)
             return consume(cursor)
         except dialect.loaded_dbapi.Error as error:
-            gone = dialect.is_disconnect(error, pooled.dbapi_connection, cursor)
+            gone = dialect.is_disconnect(error, fairy.dbapi_connection, cursor)
             # hide_parameters: cached values (tokens, personal data) never reach an error message.
-            raise sa_exc.DBAPIError.instance(compiled.string, values, error, dialect.loaded_dbapi.Error,
+            raise sa_exc.DBAPIError.instance(compiled.sql, values, error, dialect.loaded_dbapi.Error,
                                              hide_parameters=True, connection_invalidated=gone,
                                              dialect=dialect) from None
-        finally:
-            cursor.close()
 
 
 def _is_read(statement) -> bool:
@@ -165,7 +232,7 @@ def _is_read(statement) -> bool:
     return getattr(statement, "is_select", False) and not getattr(statement, "is_write_call", False)
 
 
-# -- consuming a cursor -----------------------------------------------------------------------
+# -- consuming a cursor (a driver cursor, SQLAlchemy's result, or AsyncCache's buffered rows) --------
 
 def nothing(cursor):
     return None

@@ -60,16 +60,27 @@ class ExpiryOnWrite:
         self.failures = 0
         self._since_expiry = 0
         self._since_trim = 0
+        # Writes not yet counted, and how many make a batch possibly due: below that, due() takes no lock.
+        self._pending = 0
+        self._threshold = min(n for n in (every, self.trim_every, MAX_BATCH) if n)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<ExpiryOnWrite every={self.every} max_entries={self.max_entries}>"
 
     def due(self, writes: int) -> Due:
-        """Record `writes` rows written; the batch sizes to remove now, if any."""
+        """Record `writes` rows written; the batch sizes to remove now, if any.
+
+        Runs on every write, so the common case is one addition and one comparison (an
+        increment lost to a race between threads only delays a batch a little).
+        """
         if not (self.every or self.max_entries):
             return NOTHING_DUE
+        self._pending += writes
+        if self._pending < self._threshold:
+            return NOTHING_DUE
         with self._lock:
+            writes, self._pending = self._pending, 0
             self._since_expiry += writes
             self._since_trim += writes
             expire = self._take_expiry()

@@ -70,6 +70,11 @@ class Failsafe:
         self._notify(error, operation)
         return True
 
+    @property
+    def failing(self) -> bool:
+        """Whether a burst of errors is going on (checked after every call, so kept cheap)."""
+        return bool(self._burst)
+
     def succeeded(self) -> None:
         """A call worked: end the current burst of errors, if any, saying so once."""
         if self._burst:

@@ -8,6 +8,7 @@ a message, or confirm a guessed key.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -28,9 +29,9 @@ class Identity:
     user: str
     secret: bytes = field(repr=False)
 
-    @property
+    @functools.cached_property
     def secret_hex(self) -> str:
-        """The secret as the write functions take it (hex, decoded by the server)."""
+        """The secret as the write functions take it (hex, decoded by the server); sent with every write."""
         return self.secret.hex()
 
     @property

@@ -31,6 +31,8 @@ def normalize_key(key) -> str:
         normalize_key(b"user:1")   # 'user:1'
         normalize_key(42)          # '42'
     """
+    if type(key) is str and key.isascii() and 0 < len(key) <= MAX_KEY_BYTES and "\x00" not in key:
+        return key  # the common case: ASCII is one byte a character and never a lone surrogate
     if isinstance(key, str):
         text_key = key
     elif isinstance(key, (bytes, bytearray, memoryview)):

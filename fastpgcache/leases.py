@@ -10,6 +10,10 @@ their meaning, and any checkout from the pool itself (`engine.connect()`, the
 stampede lock's transaction) first takes back an idle connection
 (`LeasingQueuePool`). An Engine the caller passed in keeps nothing idle and
 gets every connection back after each call.
+
+A `Lease` is one held connection with what each call would otherwise rebuild:
+its driver cursor (reused: creating one cost about 1 µs a call) and a poller
+already registered on its socket, for the hang-up check before each use.
 """
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
 from .failsafe import socket_closed
+
+try:  # poll() where there is one: select() cannot watch descriptors above 1023
+    from select import POLLIN, poll
+except ImportError:  # pragma: no cover - Windows
+    poll = None
 
 _registry: "weakref.WeakKeyDictionary[Engine, ConnectionLeases]" = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
@@ -65,22 +74,82 @@ def leases_for(engine: Engine, keep: int | None = None) -> "ConnectionLeases":
         return leases
 
 
+class Lease:
+    """A pooled connection held for one call at a time, with its reusable cursor."""
+
+    __slots__ = ("fairy", "driver", "_cursor", "_poller")
+
+    def __init__(self, fairy):
+        self.fairy = fairy
+        self.driver = fairy.driver_connection
+        self._cursor = None
+        self._poller = None
+
+    @property
+    def cursor(self):
+        """The driver cursor calls on this connection reuse (results are consumed within each call)."""
+        if self._cursor is None:
+            self._cursor = self.fairy.cursor()
+        return self._cursor
+
+    def hung_up(self) -> bool:
+        """True if the server closed this idle connection (a readable socket: there is nothing to read)."""
+        if poll is None:
+            return socket_closed(self.fairy.dbapi_connection)
+        if self._poller is None:
+            try:
+                fd = self.fairy.dbapi_connection.fileno()
+            except Exception:  # fileno() of a closed connection raises
+                return True
+            self._poller = poll()
+            self._poller.register(fd, POLLIN)
+        return bool(self._poller.poll(0))
+
+    @property
+    def is_valid(self) -> bool:
+        return self.fairy.is_valid
+
+    def close(self) -> None:
+        """Give the connection back to the pool (its cursor goes with it)."""
+        self._forget_cursor()
+        self.fairy.close()
+
+    def invalidate(self, error: BaseException | None = None) -> None:
+        """Close the connection for good; the pool replaces it when next asked."""
+        self._forget_cursor()
+        self.fairy.invalidate(error)
+
+    def _forget_cursor(self) -> None:
+        if self._cursor is not None:
+            try:
+                self._cursor.close()
+            except Exception:  # a dead connection's cursor: nothing left to release
+                pass
+            self._cursor = None
+
+
 class ConnectionLeases:
-    """Hands out pooled connections, keeping up to `keep` of them checked out while idle.
+    """Hands out pooled connections as Leases, keeping up to `keep` of them checked out while idle.
+
+    At most `keep` connections stay open while idle, here and in the pool together:
+    one released when the stack is full is closed, not parked in the pool's queue.
 
     ::
 
         leases = leases_for(engine, keep=10)
-        connection = leases.acquire()   # a PoolProxiedConnection
+        lease = leases.acquire()   # a Lease: .fairy, .driver, .cursor
         try:
             ...
         finally:
-            leases.release(connection)
+            leases.release(lease)
     """
 
     def __init__(self, engine: Engine, keep: int = 0):
         self.engine = engine
         self.keep = keep
+        # Connections already in autocommit from their connect (cache_engine's AUTOCOMMIT isolation level):
+        # calls need not switch it on and back off.
+        self.autocommit = getattr(engine.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT"
         self._idle: collections.deque = collections.deque()
         self._waiting = 0  # callers blocked in the pool's own checkout; released connections go to them
         self._lock = threading.Lock()
@@ -89,44 +158,51 @@ class ConnectionLeases:
     def __repr__(self) -> str:
         return f"<ConnectionLeases keep={self.keep} idle={len(self._idle)}>"
 
-    def acquire(self):
+    def acquire(self) -> Lease:
         """An idle connection whose server has not hung up, else one from the pool (waiting up to its timeout)."""
         while True:
             try:
-                connection = self._idle.pop()
+                lease = self._idle.pop()
             except IndexError:
-                return self._from_pool()
-            # An idle connection has nothing to read: a readable socket means the server hung up
-            # (restart, crash, terminated backend); the pool replaces it, and the loop checks the next.
-            if not socket_closed(connection.dbapi_connection):
-                return connection
-            connection.invalidate()  # also checks it back in
+                return Lease(self._from_pool())
+            # A readable socket means the server hung up (restart, crash, terminated backend);
+            # the pool replaces it, and the loop checks the next.
+            if not lease.hung_up():
+                return lease
+            lease.invalidate()  # also checks it back in
 
-    def release(self, connection) -> None:
-        """Keep `connection` idle for the next call, or give it back to the pool."""
-        if self._waiting or self._closed or len(self._idle) >= self.keep or not connection.is_valid:
-            connection.close()
+    def release(self, lease: Lease) -> None:
+        """Keep `lease` idle for the next call, or give it back to the pool."""
+        if self._waiting or self._closed or not lease.is_valid:
+            lease.close()
             return
-        self._idle.append(connection)
+        if len(self._idle) >= self.keep:
+            if self.keep:  # the stack holds `keep` idle connections already: this one is not needed open
+                lease.invalidate()
+            else:
+                lease.close()
+            return
+        self._idle.append(lease)
         # Announce-then-check on both sides: a caller that began waiting on the pool after the
         # test above gets a connection back; an extra one returned is harmless.
         if self._waiting:
             self.drain(1)
 
-    def lost(self, connection, error: BaseException) -> None:
-        """`connection` found its server gone: the pool replaces it and every connection opened
+    def lost(self, lease: Lease, error: BaseException) -> None:
+        """`lease` found its server gone: the pool replaces it and every connection opened
         before now (they are from the lost server too), the idle ones included."""
-        self.engine.pool._invalidate(connection, error)
+        lease._forget_cursor()
+        self.engine.pool._invalidate(lease.fairy, error)
         self.drain()
 
     def drain(self, count: int | None = None) -> None:
         """Give idle connections (all, or `count`) back to the pool."""
         while count is None or count > 0:
             try:
-                connection = self._idle.pop()
+                lease = self._idle.pop()
             except IndexError:
                 return
-            connection.close()
+            lease.close()
             count = None if count is None else count - 1
 
     def close(self) -> None:

@@ -53,9 +53,9 @@ def _op(symbol: str):
 eq, gt, le, minus, matches = _op("="), _op(">"), _op("<="), _op("-"), _op("~")
 
 
-def param(name: str, pg_type: PgType) -> Any:
-    """A bound parameter cast to a pg_catalog type."""
-    return cast(bindparam(name), pg_type)
+def param(name: str, pg_type: PgType, **default) -> Any:
+    """A bound parameter cast to a pg_catalog type; `value=...` makes it optional, with that default."""
+    return cast(bindparam(name, **default), pg_type)
 
 
 def byte_param(name: str) -> Any:
@@ -138,7 +138,7 @@ class Statements:
             return statement
 
         value, ttl = byte_param("val"), param("ttl", FLOAT8)
-        cull = (param("cull_max", INT8), param("cull_frequency", INT4))  # Django's culling, or NULL
+        cull = (param("cull_max", INT8, value=None), param("cull_frequency", INT4, value=None))  # Django's culling
         self.set = call("set", param("k", TEXT), value, param("flg", INT2), ttl, param("mode", INT2), *cull)
         self.set_many = call("set_many", array_param("ks", TEXT_ARRAY), array_param("vals", BYTEA_ARRAY),
                              array_param("flgs", INT2_ARRAY), ttl, *cull)
