@@ -17,6 +17,7 @@ from .model import CacheEntry
 
 __all__ = [
     "AsyncCache",
+    "AsyncFastPgCache",
     "Cache",
     "CacheConnectionError",
     "CacheEntry",
@@ -40,8 +41,8 @@ def __getattr__(name):
         from .databricks import DatabricksTokenProvider
 
         return DatabricksTokenProvider
-    if name == "AsyncCache":  # SQLAlchemy's asyncio needs greenlet: the `asyncio` extra
-        from .aio import AsyncCache
+    if name in ("AsyncCache", "AsyncFastPgCache"):  # SQLAlchemy's asyncio needs greenlet: the `asyncio` extra
+        from . import aio
 
-        return AsyncCache
+        return getattr(aio, name)
     raise AttributeError(f"module 'fastpgcache' has no attribute {name!r}")

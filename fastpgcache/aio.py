@@ -1,4 +1,12 @@
-"""`AsyncCache`: the `Cache` API for asyncio, awaiting the very same statement steps.
+"""`AsyncCache` and `AsyncFastPgCache`: the `Cache` API for asyncio, awaiting the very same statement steps.
+
+As the blocking facade runs its statements on the driver's cursor, these run
+them on the async driver's own connection (psycopg 3's `AsyncConnection`, or
+asyncpg's), not through SQLAlchemy's async layer and its greenlet bridge: on a
+connection of an AsyncEngine held between calls (the pool still creates,
+counts and limits them), or on the caller's AsyncSession/AsyncConnection, in
+its transaction. Watched engines (echo, logging, cursor listeners) go through
+SQLAlchemy's execution, as in `Cache`.
 
 Needs SQLAlchemy's asyncio support and an async driver: the `asyncio` extra
 (`pip install 'fastpgcache[asyncio]'`) brings greenlet and psycopg 3.
@@ -10,16 +18,121 @@ import inspect
 from typing import Any, AsyncIterator, Callable
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL
+
 try:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
+    from sqlalchemy.pool import AsyncAdaptedQueuePool
+    from sqlalchemy.util import greenlet_spawn
 except ImportError as missing:  # greenlet is not installed
     raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
 
 from .cache import _MISSING, Cache, _call_key, _check_wait, _negate
-from .keys import normalize_ttl, pattern_regex
-from .errors import check_positive_int, pool_timeout_error, raise_translated
-from .execution import _is_read
+from .errors import (CacheConnectionError, check_positive_int, check_positive_seconds, connection_hint,
+                     pool_timeout_error, raise_translated)
+from .execution import _is_read, compile_for, watched
 from .failsafe import DATABASE_ERRORS
+from .keys import normalize_key, normalize_ttl, pattern_regex
+from .leases import ConnectionLeases, Lease, LeasingQueuePool, leases_for
+from .model import DEFAULT_SCHEMA
+
+
+class Buffered:
+    """A statement's rows, fetched: what the steps' consume functions read (fetchone, fetchall, rowcount)."""
+
+    __slots__ = ("rows", "rowcount", "_next")
+
+    def __init__(self, rows, rowcount):
+        self.rows, self.rowcount, self._next = rows, rowcount, 0
+
+    def fetchone(self):
+        if self._next >= len(self.rows):
+            return None
+        self._next += 1
+        return self.rows[self._next - 1]
+
+    def fetchall(self):
+        rows, self._next = self.rows[self._next:], len(self.rows)
+        return rows
+
+
+class _Psycopg:
+    """psycopg 3's AsyncConnection: its own cursor, pyformat parameters, the autocommit switch."""
+
+    @staticmethod
+    def errors():
+        import psycopg
+
+        return psycopg.Error
+
+    @staticmethod
+    async def run(lease_or_driver, sql: str, values) -> Buffered:
+        cursor = lease_or_driver.cursor if isinstance(lease_or_driver, Lease) else lease_or_driver.cursor()
+        await cursor.execute(sql, values)
+        rows = await cursor.fetchall() if cursor.description else []
+        return Buffered(rows, cursor.rowcount)
+
+    @staticmethod
+    def gone(driver) -> bool:
+        return bool(driver.broken or driver.closed)
+
+
+class _Asyncpg:
+    """asyncpg: no cursor, $n parameters in order, statements prepared and cached by the driver."""
+
+    @staticmethod
+    def errors():
+        import asyncpg
+
+        return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+    @staticmethod
+    async def run(lease_or_driver, sql: str, values) -> Buffered:
+        driver = lease_or_driver.driver if isinstance(lease_or_driver, Lease) else lease_or_driver
+        return Buffered(await driver.fetch(sql, *values), None)
+
+    @staticmethod
+    def gone(driver) -> bool:
+        return driver.is_closed()
+
+
+def _driver_for(dialect):
+    # The raw driver behind SQLAlchemy's async dialect.
+    if dialect.driver == "asyncpg":
+        return _Asyncpg
+    if dialect.driver == "psycopg":
+        return _Psycopg
+    raise ValueError(f"AsyncCache needs postgresql+psycopg:// or postgresql+asyncpg://, not {dialect.driver}")
+
+
+class AsyncLeases(ConnectionLeases):
+    """`ConnectionLeases` for an AsyncEngine: idle connections are taken and kept without awaiting;
+    whatever may talk to the server (a new connection, closing one) runs through SQLAlchemy's greenlet
+    bridge, as SQLAlchemy's own pool does."""
+
+    async def take(self) -> Lease:
+        while True:
+            try:
+                lease = self._idle.pop()
+            except IndexError:
+                return Lease(await greenlet_spawn(self._from_pool))
+            if not lease.hung_up():
+                return lease
+            await greenlet_spawn(lease.invalidate)
+
+    async def give_back(self, lease: Lease) -> None:
+        if self._waiting or self._closed or not lease.is_valid or len(self._idle) >= self.keep:
+            await greenlet_spawn(self.release, lease)  # closed or invalidated, in the pool's own ways
+        else:
+            self._idle.append(lease)
+
+    async def lose(self, lease: Lease, error: BaseException) -> None:
+        await greenlet_spawn(self.lost, lease, error)
+
+
+class AsyncLeasingQueuePool(AsyncAdaptedQueuePool, LeasingQueuePool):
+    """`LeasingQueuePool` for asyncio engines: a checkout from the pool itself may take back an idle
+    connection a cache holds."""
 
 
 def _awaitable(operation):
@@ -32,7 +145,8 @@ def _awaitable(operation):
             result = await self._drive(steps(self, *args, **kwargs))
         except DATABASE_ERRORS as error:
             return self._fall_back(run, error, args, kwargs)
-        self._failsafe.succeeded()
+        if self._failsafe.failing:
+            self._failsafe.succeeded()
         return result
 
     run.steps, run.fallback = steps, fallback
@@ -52,22 +166,28 @@ class AsyncCache(Cache):
         await cache.set("user:1", {"name": "Alice"}, ttl=3600)
         await cache.get("user:1")          # {'name': 'Alice'}
 
-    Options are those of `Cache` (schema, table, user_id, pickle, failsafe,
-    on_error, expire_every, max_entries), except that there is no
-    negative-lookup guard here: every `get` asks the database.
+    Options are those of `Cache`. A negative-lookup guard comes with
+    `AsyncFastPgCache`, which owns the engine it listens on.
     """
 
     _bind_types: tuple = (AsyncSession, AsyncConnection, AsyncEngine)
     _engine_type: type = AsyncEngine
 
     def __init__(self, bind, **options):
-        if options.get("guard") is not None:
-            raise ValueError("AsyncCache has no negative-lookup guard (its filter is fed by blocking calls); "
-                             "leave guard unset")
+        guard = options.pop("guard", None)
+        if guard is not None and not isinstance(self, AsyncFastPgCache):
+            raise ValueError("AsyncCache has no negative-lookup guard of its own (its listener needs a blocking "
+                             "connection): use AsyncFastPgCache, which owns one")
         super().__init__(bind, **options)
+        self.guard = guard
+        self._driver = _driver_for(self._sync_engine().dialect)
         if isinstance(bind, AsyncEngine):
-            # As in Cache: one statement is atomic, so skip the BEGIN/COMMIT round trips.
-            self._engine = bind.execution_options(isolation_level="AUTOCOMMIT")
+            self._leases = leases_for(bind.sync_engine, kind=AsyncLeases)
+
+    def _sync_engine(self):
+        bind = self.bind
+        return bind.sync_engine if isinstance(bind, AsyncEngine) else bind.bind.sync_engine if isinstance(
+            bind, AsyncSession) else bind.sync_engine
 
     # -- running steps -----------------------------------------------------------------
 
@@ -85,30 +205,79 @@ class AsyncCache(Cache):
             return done.value
 
     async def _execute(self, statement, params: dict, consume: Callable[[Any], Any]):
-        """Run one statement and consume its (buffered) result; driver errors become cache errors."""
-        params = self._params(params)
+        """Run one statement and consume its (fetched) rows; driver errors become cache errors."""
+        if self.user_id:
+            params = {"user_id": self.user_id, **params}
         try:
-            if isinstance(self.bind, AsyncEngine):
+            if self._leases is not None:
                 return await self._execute_on_engine(statement, params, consume)
-            connection = await self.bind.connection() if isinstance(self.bind, AsyncSession) else self.bind
-            return consume(await connection.execute(statement, params, ))
+            return await self._execute_in_transaction(statement, params, consume)
         except sa_exc.DBAPIError as error:
             raise_translated(error, self._where)
         except sa_exc.TimeoutError:
-            if not isinstance(self.bind, AsyncEngine):
+            if self._leases is None:
                 raise
-            raise pool_timeout_error(self.bind.pool) from None
+            raise pool_timeout_error(self.bind.sync_engine.pool) from None
+
+    async def _execute_in_transaction(self, statement, params, consume):
+        # The caller's AsyncSession or AsyncConnection: its transaction, begun if need be.
+        connection = await self.bind.connection() if isinstance(self.bind, AsyncSession) else self.bind
+        if not connection.in_transaction():
+            await connection.begin()
+        if watched(connection.sync_engine) or self._driver is _Asyncpg:
+            # Watched, or asyncpg, whose adapter begins the caller's transaction only when a statement goes
+            # through it: SQLAlchemy's execution (a statement sent around it would commit on its own).
+            return consume(await connection.execute(statement, params))
+        fairy = await connection.get_raw_connection()
+        try:
+            return consume(await self._run(fairy.driver_connection, connection.dialect, statement, params))
+        except sa_exc.DBAPIError as error:
+            if error.connection_invalidated:
+                await connection.invalidate()
+            raise
 
     async def _execute_on_engine(self, statement, params, consume):
-        # As Cache: one retry of a read on a connection found dead (server restarted);
-        # never of a write, which may have committed before the connection dropped.
+        # As Cache: autocommit, one retry of a read on a connection found dead, never of a write.
+        engine = self.bind.sync_engine
+        if watched(engine):
+            async with self.bind.connect() as connection:
+                connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                return consume(await connection.execute(statement, params))
+        leases = self._leases
         for attempt in (1, 2):
+            lease = await leases.take()
+            # psycopg 3 connections of an engine that is not AUTOCOMMIT are switched for the call (asyncpg
+            # has no such switch: outside a transaction block every statement commits itself).
+            switch = self._driver is _Psycopg and not leases.autocommit and not lease.driver.autocommit
             try:
-                async with self._engine.connect() as connection:
-                    return consume(await connection.execute(statement, params, ))
+                if switch:
+                    await lease.driver.set_autocommit(True)
+                return consume(await self._run(lease, engine.dialect, statement, params))
             except sa_exc.DBAPIError as error:
+                if error.connection_invalidated:
+                    await leases.lose(lease, error)
+                    lease = None
                 if attempt == 2 or not error.connection_invalidated or not _is_read(statement):
                     raise
+            finally:
+                if lease is not None:
+                    if switch and lease.is_valid:
+                        await lease.driver.set_autocommit(False)
+                    await leases.give_back(lease)
+
+    async def _run(self, lease_or_driver, dialect, statement, params) -> Buffered:
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = compile_for(statement, dialect)
+        values = compiled.values(params)
+        driver = self._driver
+        try:
+            return await driver.run(lease_or_driver, compiled.sql, values)
+        except driver.errors() as error:
+            raw = lease_or_driver.driver if isinstance(lease_or_driver, Lease) else lease_or_driver
+            # hide_parameters: cached values never reach an error message, as on the blocking path.
+            raise sa_exc.DBAPIError.instance(compiled.sql, values, error, driver.errors(), hide_parameters=True,
+                                             connection_invalidated=driver.gone(raw), dialect=dialect) from None
 
     # -- what is not a single operation ---------------------------------------------
 
@@ -174,10 +343,19 @@ class AsyncCache(Cache):
                     if claimed is None:  # waited `wait` for another caller: compute, and leave storing to it
                         return await _computed(fn)
                     value = _MISSING if claimed else await twin.get(key, _MISSING)
-                    return value if value is not _MISSING else await twin._fill(key, fn, ttl)
+                    if value is _MISSING:
+                        value = await twin._fill(key, fn, ttl)
+                    self._remember([normalize_key(key)])
+                    return value
         except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:  # connecting or committing; statements translate
             self._absorb_connect_error(error)
         return await self._fill(key, fn, ttl)
+
+    def _absorb_connect_error(self, error) -> None:
+        """Failsafe's answer to a connection get_or_set could not get (the async engine's pool)."""
+        if isinstance(error, sa_exc.TimeoutError):
+            error = pool_timeout_error(self.bind.sync_engine.pool)
+        Cache._absorb_connect_error(self, error)
 
     def cached(self, ttl=None, key: str | Callable[..., str] | None = None, *, lock: bool = True):
         """Decorator caching an async function's result per arguments::
@@ -202,6 +380,114 @@ class AsyncCache(Cache):
             return wrapper
 
         return decorate
+
+
+ASYNC_DRIVERS = ("psycopg", "asyncpg")
+
+
+class AsyncFastPgCache(AsyncCache):
+    """An asyncio client owning its engine (and, with the `bloom` extra, a negative-lookup guard)::
+
+        from fastpgcache import AsyncFastPgCache
+
+        async with AsyncFastPgCache(url="postgresql+psycopg://app@db/app") as cache:
+            await cache.set("session", {"user": "Alice"}, ttl=3600)
+            await cache.get("session")        # {'user': 'Alice'}
+            await cache.get("never-written")  # answered by the guard, no round trip
+
+    A bare `postgresql://` URL uses psycopg 3; `postgresql+asyncpg://` uses
+    asyncpg. The pool holds up to `maxconn` connections; `statement_timeout`
+    (5 s) and `lock_timeout` (1 s) hold on each of them; a caller waits at most
+    `pool_timeout` for one. The guard listens on a blocking psycopg 3
+    connection of its own, in a thread, so its answers need no await.
+    """
+
+    def __init__(self, url: str | URL | None = None, *, schema: str = DEFAULT_SCHEMA, table: str | None = None,
+                 maxconn: int = 10, pool_timeout: float = 30.0, prepare_threshold: int | None = 5,
+                 statement_timeout: float | None = 5.0, lock_timeout: float | None = 1.0,
+                 use_cuckoo_filter: bool = True, cuckoo_capacity: int = 1_000_000, **options):
+        from .client import _secrets_apart, _timeout_options, cache_engine
+
+        check_positive_int("maxconn", maxconn)
+        check_positive_seconds("pool_timeout", pool_timeout)
+        target, secret = _secrets_apart(_async_url(url))
+        settings = _timeout_options(target, statement_timeout, lock_timeout)
+        if target.get_driver_name() == "asyncpg":
+            # asyncpg takes server settings as such, and prepares (and caches) every statement itself.
+            connect_args = {**secret, "server_settings": _as_server_settings(settings.get("options", ""))}
+        else:
+            connect_args = {**secret, **settings, "prepare_threshold": prepare_threshold}
+        engine = create_async_engine(target, isolation_level="AUTOCOMMIT", pool_reset_on_return=None,
+                                     poolclass=AsyncLeasingQueuePool, pool_size=maxconn, max_overflow=0,
+                                     pool_timeout=pool_timeout, connect_args=connect_args)
+        self._guard_engine = None
+        guard = None
+        if use_cuckoo_filter:
+            from .guard import NegativeLookupGuard
+
+            # The guard's own blocking engine: two connections at most (its listener, its warm-up reads).
+            self._guard_engine = cache_engine(target.set(drivername="postgresql+psycopg"), pool_size=2,
+                                              max_overflow=0, connect_args={**secret, **settings})
+            guard = NegativeLookupGuard(Cache(self._guard_engine, schema=schema, table=table,
+                                              user_id=options.get("user_id")), cuckoo_capacity).start()
+        super().__init__(engine, schema=schema, table=table, guard=guard, **options)
+        leases_for(engine.sync_engine, keep=maxconn, kind=AsyncLeases)
+
+    def __repr__(self) -> str:
+        from .client import hide_secrets
+
+        return f"<AsyncFastPgCache {hide_secrets(repr(self.bind.url))} {self._where}>"
+
+    async def open(self, minconn: int = 1) -> "AsyncFastPgCache":
+        """Open `minconn` connections now, so a wrong host or password fails here; returns self."""
+        leases = []
+        try:
+            for _ in range(minconn):
+                leases.append(await self._leases.take())
+        except sa_exc.DBAPIError as error:
+            failure = CacheConnectionError(f"cannot connect to the database: {connection_hint(error)}")
+            if not self._failsafe.absorb(failure, "connect"):
+                raise failure from None
+        finally:
+            for lease in leases:
+                await self._leases.give_back(lease)
+        return self
+
+    async def close(self) -> None:
+        """Close every connection, and stop the guard."""
+        if self.guard is not None:
+            self.guard.stop()
+        self._leases.close()
+        await self.bind.dispose()
+        if self._guard_engine is not None:
+            self._guard_engine.dispose()
+
+    async def __aenter__(self) -> "AsyncFastPgCache":
+        return await self.open()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _async_url(url: str | URL | None) -> URL:
+    # A bare postgresql:// is psycopg 3's async dialect; FASTPGCACHE_URL-style defaults otherwise.
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url or "postgresql://postgres@localhost/postgres")
+    if target.get_backend_name() != "postgresql":
+        raise ValueError(f"AsyncFastPgCache needs a postgresql:// URL, not {target.drivername}://")
+    if target.drivername in ("postgresql", "postgres"):
+        return target.set(drivername="postgresql+psycopg")
+    if target.get_driver_name() not in ASYNC_DRIVERS:
+        raise ValueError(f"AsyncFastPgCache needs postgresql+psycopg:// or postgresql+asyncpg://, "
+                         f"not {target.drivername}://")
+    return target
+
+
+def _as_server_settings(options: str) -> dict:
+    # libpq's "-c name=value" options as asyncpg's server_settings.
+    parts = options.split()
+    return dict(part.split("=", 1) for flag, part in zip(parts, parts[1:]) if flag == "-c")
 
 
 async def _computed(fn):

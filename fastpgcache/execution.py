@@ -63,22 +63,26 @@ class Compiled(NamedTuple):
     """A statement as the driver takes it: its SQL, and how to turn a step's params into the driver's."""
 
     sql: str
-    static: dict | None  # values of the statement's own literal binds, merged under each call's params
+    static: dict | None  # values of the statement's own optional binds, merged under each call's params
     processing: Any  # the SQLAlchemy compiled form when its binds need SQLAlchemy's processing, else None
+    order: tuple | None  # names in order, for a driver that takes positional parameters (asyncpg)
 
     def values(self, params: dict):
         if self.processing is not None:
-            return self.processing.construct_params(params)
-        return params if self.static is None else {**self.static, **params}
+            params = self.processing.construct_params(params)
+        elif self.static is not None:
+            params = {**self.static, **params}
+        return params if self.order is None else [params[name] for name in self.order]
 
 
 def compile_for(statement, dialect) -> Compiled:
     """`statement` compiled for `dialect`, with its parameters prepared once."""
     compiled = statement.compile(dialect=dialect)
-    if compiled.positional or compiled._bind_processors:
-        return Compiled(compiled.string, None, compiled)
+    order = tuple(compiled.positiontup) if compiled.positional else None
+    if compiled._bind_processors:
+        return Compiled(compiled.string, None, compiled, order)
     static = {compiled.bind_names[bind]: bind.value for bind in compiled.binds.values() if not bind.required} or None
-    return Compiled(compiled.string, static, None)
+    return Compiled(compiled.string, static, None, order)
 
 
 def watched(engine: Engine) -> bool:

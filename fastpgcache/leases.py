@@ -59,8 +59,9 @@ class LeasingQueuePool(QueuePool):
             return super()._do_get()
 
 
-def leases_for(engine: Engine, keep: int | None = None) -> "ConnectionLeases":
-    """The one `ConnectionLeases` of `engine`; `keep` > 0 (for Engines the library owns) holds idle ones.
+def leases_for(engine: Engine, keep: int | None = None, kind: type | None = None) -> "ConnectionLeases":
+    """The one `ConnectionLeases` (or `kind`, a subclass) of `engine`; `keep` > 0 (for Engines the library
+    owns) holds idle ones.
 
     Every cache on one Engine shares it, so a cache waiting for a connection is
     never starved by another one's idle stack.
@@ -68,7 +69,7 @@ def leases_for(engine: Engine, keep: int | None = None) -> "ConnectionLeases":
     with _registry_lock:
         leases = _registry.get(engine)
         if leases is None:
-            leases = _registry[engine] = ConnectionLeases(engine)
+            leases = _registry[engine] = (kind or ConnectionLeases)(engine)
         if keep is not None:
             leases.keep = keep
         return leases
@@ -89,11 +90,14 @@ class Lease:
     def cursor(self):
         """The driver cursor calls on this connection reuse (results are consumed within each call)."""
         if self._cursor is None:
-            self._cursor = self.fairy.cursor()
+            self._cursor = self.driver.cursor()  # the driver's own (for async drivers, not SQLAlchemy's adapter)
         return self._cursor
 
     def hung_up(self) -> bool:
         """True if the server closed this idle connection (a readable socket: there is nothing to read)."""
+        is_closed = getattr(self.driver, "is_closed", None)
+        if is_closed is not None:  # asyncpg: its protocol reads the socket and sees the server hang up
+            return is_closed()
         if poll is None:
             return socket_closed(self.fairy.dbapi_connection)
         if self._poller is None:
@@ -120,12 +124,9 @@ class Lease:
         self.fairy.invalidate(error)
 
     def _forget_cursor(self) -> None:
-        if self._cursor is not None:
-            try:
-                self._cursor.close()
-            except Exception:  # a dead connection's cursor: nothing left to release
-                pass
-            self._cursor = None
+        # A cursor holds nothing on the server between calls; dropping the reference is enough (an
+        # async driver's close() would have to be awaited).
+        self._cursor = None
 
 
 class ConnectionLeases:

@@ -67,8 +67,9 @@ def array_param(name: str, pg_type: PgType) -> Any:
     """A batch as one array literal (see `text_array`): one string to quote, one value to parse.
 
     Client side, 100 keys took 12 µs instead of 45, and 1,000 rows of set_many 0.5 ms instead of 2.1.
+    Cast from text first, so drivers that bind by type (psycopg 3, asyncpg) send the literal as text too.
     """
-    return param(name, pg_type)
+    return cast(param(name, TEXT), pg_type)
 
 
 def text_array(items) -> str:

@@ -17,13 +17,14 @@ from fastpgcache import Cache, CacheNotSetUpError, CachePermissionError, FastPgC
 from fastpgcache.aio import AsyncCache
 from fastpgcache.client import PREPARE_THRESHOLD
 
-def async_url(url):
-    return make_url(url).set(drivername="postgresql+psycopg")
+def async_url(url, driver="psycopg"):
+    return make_url(url).set(drivername=f"postgresql+{driver}")
 
 
-@pytest_asyncio.fixture
-async def aengine(pg_url):
-    engine = create_async_engine(async_url(pg_url), pool_size=10, max_overflow=10)
+@pytest_asyncio.fixture(params=["psycopg", "asyncpg"])
+async def aengine(pg_url, request):
+    """An AsyncEngine on each async driver AsyncCache supports."""
+    engine = create_async_engine(async_url(pg_url, request.param), pool_size=10, max_overflow=10)
     yield engine
     await engine.dispose()
 

@@ -255,19 +255,23 @@ def test_failsafe_delete_many_honours_cache_ignore_errors(schema):
         strict.delete_many("k", "j")
 
 
-def test_clear_with_a_prefix_is_one_statement(pg_url, schema, monkeypatch):
+def test_clear_with_a_prefix_is_one_statement(pg_url, schema):
+    from sqlalchemy import event
+
     backend = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="p_")).cache
     other = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="q_")).cache
     backend.set_many({f"k{i}": i for i in range(5)})
     other.set("k0", "kept")
-    statements, run = [], backend.store._run
+    statements = []
 
-    def recording_run(pooled, dialect, statement, params, consume):
-        statements.append(str(statement).split("(")[0])
-        return run(pooled, dialect, statement, params, consume)
+    def record(connection, cursor, statement, *args):
+        statements.append(statement.split("(")[0])
 
-    monkeypatch.setattr(backend.store, "_run", recording_run)
-    assert backend.clear() is True
+    event.listen(backend.store.bind, "before_cursor_execute", record)
+    try:
+        assert backend.clear() is True
+    finally:
+        event.remove(backend.store.bind, "before_cursor_execute", record)
     assert statements == [f"SELECT {schema}.cache_clear"]  # one call of the clear function, no key listed first
     assert backend.get_many("k0", "k4") == [None, None]
     assert other.get("k0") == "kept"
