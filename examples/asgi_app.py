@@ -1,11 +1,13 @@
-"""A Starlette endpoint that caches a slow call in PostgreSQL through `AsyncCache`.
+"""A Starlette endpoint that caches a slow call in PostgreSQL through `AsyncFastPgCache`.
 
     pip install 'fastpgcache[asgi]' httpx2
     python examples/asgi_app.py                  # two requests through Starlette's TestClient
     uvicorn --factory asgi_app:create_app        # or serve it (from examples/, FASTPGCACHE_URL set)
 
 The first request for a city waits for the slow forecast; the next ones within
-the ttl are answered from the cache table, by any worker process.
+the ttl are answered from the cache table, by any worker process. A city never
+asked for is answered "absent" by the client's negative-lookup guard, without
+a round trip.
 """
 from __future__ import annotations
 
@@ -15,12 +17,11 @@ import os
 import time
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from fastpgcache.aio import AsyncCache
+from fastpgcache import AsyncFastPgCache
 
 FORECAST_TTL = 60
 
@@ -52,11 +53,10 @@ def create_app(url=None, schema: str | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine = create_async_engine(target)
-        app.state.cache = AsyncCache(engine, schema=schema)
-        app.state.upstream_calls = 0
-        yield
-        await engine.dispose()
+        async with AsyncFastPgCache(url=target, schema=schema or "public") as cache:
+            app.state.cache = cache
+            app.state.upstream_calls = 0
+            yield
 
     return Starlette(routes=[Route("/forecast/{city}", forecast)], lifespan=lifespan)
 

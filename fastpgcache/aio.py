@@ -413,8 +413,13 @@ class AsyncFastPgCache(AsyncCache):
         target, secret = _secrets_apart(_async_url(url))
         settings = _timeout_options(target, statement_timeout, lock_timeout)
         if target.get_driver_name() == "asyncpg":
-            # asyncpg takes server settings as such, and prepares (and caches) every statement itself.
-            connect_args = {**secret, "server_settings": _as_server_settings(settings.get("options", ""))}
+            # asyncpg takes server settings as such (application_name among them), and prepares (and
+            # caches) every statement itself.
+            server_settings = _as_server_settings(settings.get("options", ""))
+            if "application_name" in target.query:
+                server_settings["application_name"] = target.query["application_name"]
+                target = target.difference_update_query(["application_name"])
+            connect_args = {**secret, "server_settings": server_settings}
         else:
             connect_args = {**secret, **settings, "prepare_threshold": prepare_threshold}
         engine = create_async_engine(target, isolation_level="AUTOCOMMIT", pool_reset_on_return=None,

@@ -5,6 +5,7 @@ import asyncio
 import datetime as dt
 import importlib.util
 import inspect
+import uuid
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from fastpgcache import Cache, CacheNotSetUpError, CachePermissionError, FastPgCache
+from fastpgcache import (AsyncFastPgCache, Cache, CacheLimitError, CacheNotSetUpError, CachePermissionError,
+                         CacheTimeoutError, FastPgCache, setup_cache)
 from fastpgcache.aio import AsyncCache
 from fastpgcache.client import PREPARE_THRESHOLD
 
@@ -358,3 +360,113 @@ async def test_failsafe_answers_like_a_miss_when_the_database_fails(aengine):
 def test_async_cache_refuses_a_guard(aengine):
     with pytest.raises(ValueError, match="no negative-lookup guard"):
         AsyncCache(aengine, guard=object())
+
+
+# -- AsyncFastPgCache: an engine of its own, leased connections, the guard ---------------------
+
+def _async_client_url(pg_url, driver, application_name=None):
+    url = async_url(pg_url, driver)
+    return url.update_query_dict({"application_name": application_name}) if application_name else url
+
+
+async def _eventually(check, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.005)
+    pytest.fail(f"condition not met within {timeout} s")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_the_async_client_answers_misses_locally_and_hears_other_writes(pg_url, engine, schema, driver):
+    async with AsyncFastPgCache(url=async_url(pg_url, driver), schema=schema) as cache:
+        assert await asyncio.to_thread(cache.guard.wait_until_trusted, 10)
+        before = (await cache.stats())["guard_skips"]
+        assert [await cache.get(f"missing:{i}") for i in range(100)] == [None] * 100
+        assert (await cache.stats())["guard_skips"] - before >= 98  # a false positive may still ask the database
+        await cache.set("mine", 1)
+        assert await cache.get("mine") == 1  # its own write, known at once
+        Cache(engine, schema=schema).set("elsewhere", "hello")  # another client, in this test the superuser...
+        assert await _eventually(lambda: cache.get("elsewhere")) == "hello"  # ... with its own role's channel
+        assert (await cache.stats())["guard"] == "trusted"
+
+
+@pytest.mark.asyncio
+async def test_the_async_client_waits_pool_timeout_then_fails_naming_maxconn(pg_url, schema):
+    async with AsyncFastPgCache(url=async_url(pg_url), schema=schema, maxconn=2, pool_timeout=0.3,
+                                use_cuckoo_filter=False) as cache:
+        held = [await cache.bind.connect() for _ in range(2)]  # takes back the idle leased connection too
+        try:
+            with pytest.raises(CacheTimeoutError, match=r"all 2 pooled connections \(maxconn\) stayed busy for 0.3 s"):
+                await cache.get("k")
+        finally:
+            for connection in held:
+                await connection.close()
+        assert await cache.set("k", 1) is True
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_hundred_tasks_share_ten_connections(pg_url, engine, schema, driver):
+    name = f"async_{uuid.uuid4().hex[:10]}"
+    async with AsyncFastPgCache(url=_async_client_url(pg_url, driver, name), schema=schema, maxconn=10,
+                                use_cuckoo_filter=False) as cache:
+        async def task(index):
+            for i in range(20):
+                assert await cache.set(f"t{index}:{i}", [index, i]) is True
+                assert await cache.get(f"t{index}:{i}") == [index, i]
+            return await cache.incr("total", 20)
+
+        totals = await asyncio.gather(*(task(index) for index in range(100)))
+        assert sorted(totals) == list(range(20, 2001, 20))
+        with engine.connect() as connection:
+            opened = connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
+                                        {"n": name}).scalar()
+        assert 1 <= opened <= 10
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_error_texts_carry_no_values(pg_url, schema, driver):
+    async with AsyncFastPgCache(url=async_url(pg_url, driver), schema=schema, use_cuckoo_filter=False) as cache:
+        with pytest.raises(CacheLimitError) as raised:
+            await cache.set("big", "secret-value-" + "x" * 2_000_000)
+        texts = [str(raised.value), str(raised.value.__cause__)]
+        assert all("secret-value" not in text_ and "7365637265742d76616c7565" not in text_ for text_ in texts)
+        assert "SQL parameters hidden" in texts[1]
+
+
+@pytest.mark.asyncio
+async def test_a_watched_async_engine_shows_every_cache_statement(aengine, schema):
+    from sqlalchemy import event
+
+    seen = []
+    event.listen(aengine.sync_engine, "before_cursor_execute", lambda c, cur, statement, *rest: seen.append(statement))
+    cache = AsyncCache(aengine, schema=schema)
+    await cache.set("k", 1)
+    assert await cache.get("k") == 1
+    assert any(f"{schema}.cache_set(" in statement for statement in seen)
+    assert any("cache.value" in statement for statement in seen)
+
+
+@pytest.mark.own_server
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_server_restart_between_calls_is_survived(driver):
+    from fastpgcache.embedded import EmbeddedPostgres
+
+    with EmbeddedPostgres() as server:
+        from sqlalchemy import create_engine
+
+        admin = create_engine(server.url)
+        setup_cache(engine=admin, schema="restart")
+        admin.dispose()
+        async with AsyncFastPgCache(url=async_url(server.url, driver), schema="restart", maxconn=3,
+                                    use_cuckoo_filter=False) as cache:
+            await asyncio.gather(*(cache.set(f"k{i}", i) for i in range(6)))  # several connections leased
+            await asyncio.to_thread(server.restart)
+            assert await cache.get("k1") == 1  # a read on a dead connection: replaced before use (or retried)
+            assert await cache.set("after", 1) is True and await cache.get("after") == 1  # a write too
