@@ -1,18 +1,29 @@
-"""get/set through this library on psycopg2 and on psycopg 3, as ratios to raw psycopg2 in the same run.
+"""get/set through this library on each driver, against the raw driver replaying the same SQL, in one run.
 
-    python benchmarks/bench_drivers.py            # FASTPGCACHE_URL, or a throwaway embedded server
-    python benchmarks/bench_drivers.py --quick
-    python benchmarks/bench_drivers.py --layout same   # client and server on one CPU (default split)
+    python benchmarks/bench_drivers.py                       # FASTPGCACHE_URL, or a throwaway embedded server
+    python benchmarks/bench_drivers.py --layout none         # unpinned (split: client and server on two CPUs)
+    python benchmarks/bench_drivers.py --interleave call     # contenders take turns call by call, not in blocks
+    python benchmarks/bench_drivers.py --redis redis://127.0.0.1:6379 --json out.json
 
-The floor is raw psycopg2 (autocommit) replaying the exact SQL text and
-parameters this library sends, on the same table. Contenders run interleaved,
-round by round in rotating order, so machine drift hits all of them alike.
-A ratio below 1.0 means faster than that floor.
+Contenders, every one on the same server in the same run:
+
+- psycopg2 on a plain table: raw psycopg2 (autocommit) with the plain SQL of a hand-written cache on a
+  table of the cache's shape without row-level security or write functions (fastpgcache.bench.floor_sql);
+- each driver replaying this library's own SQL (the statements it compiles, the parameters it sends) on
+  the library's table: psycopg2, psycopg 3 prepared, async psycopg 3 prepared, asyncpg;
+- the library on each of them: FastPgCache (psycopg2; psycopg 3 prepared), AsyncFastPgCache (psycopg 3
+  prepared; asyncpg), guard off so every call is a round trip;
+- Redis (redis-py, redis.asyncio) when --redis answers.
+
+Workloads: `get` of existing keys, `set` overwriting existing keys (a 100-byte JSON value), one call at a
+time; an async negative lookup with a warm guard; and 100 asyncio tasks sharing 10 connections (ops/s).
+Each contender runs in every round, in rotating order. Ratios are to the row named in the table.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 import uuid
@@ -21,148 +32,420 @@ import psycopg
 import psycopg2
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from fastpgcache import FastPgCache, codec, setup_cache
-from fastpgcache.aio import AsyncCache
-from fastpgcache.bench import LAYOUTS, apply_layout, capture_sql
+from fastpgcache import AsyncFastPgCache, FastPgCache, setup_cache
+from fastpgcache.bench import LAYOUTS, apply_layout, create_floor_table, floor_sql
 from fastpgcache.embedded import default_url
+from fastpgcache.execution import compile_for
 
 VALUE = {"name": "Alice", "roles": ["admin", "dev"], "pad": "x" * 60}
+ENCODED = json.dumps(VALUE, separators=(",", ":")).encode()
 KEYS = [f"user:{i}" for i in range(1000)]
+TASKS, TASK_CONNECTIONS, TASK_OPS = 100, 10, 40
 
 
-def driver_url(url: URL, driver: str) -> str:
-    return url.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+def driver_url(url: URL, driver: str) -> URL:
+    return url.set(drivername=f"postgresql+{driver}")
 
 
 def libpq_dsn(url: URL) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-class RawReplay:
-    """A raw driver connection in autocommit replaying the library's captured statements."""
+def library_sql(cache, dialect) -> dict:
+    """The library's compiled get and set for `dialect`, and the fixed parameters it sends with them
+    (`cache`, a blocking one, gives the statements and the role's identity)."""
+    identity = cache._identity_now()
+    caller = {"me": identity.user, "secret": identity.secret_hex}
+    return {"get": (compile_for(cache._s.get, dialect), {}),
+            "set": (compile_for(cache._s.set, dialect), {**caller, "flg": 2, "ttl": None, "mode": 0})}
 
-    def __init__(self, connection, sent: dict, **execute_options):
+
+# -- blocking contenders ------------------------------------------------------------------------
+
+class Floor:
+    """Raw psycopg2 on the plain table: what a hand-written cache would send."""
+
+    def __init__(self, connection, table: str):
         self.cursor = connection.cursor()
-        self.sent = sent
-        self.options = execute_options
-        self.encoded = codec.serialize(VALUE)
+        self.sql = floor_sql(table)
 
     def get(self, key):
-        statement, params = self.sent["get"]
-        self.cursor.execute(statement, {**params, "k": key}, **self.options)
-        return self.cursor.fetchone()
+        statement, _ = self.sql["get"]
+        self.cursor.execute(statement, {"k": key})
+        row = self.cursor.fetchone()
+        return json.loads(bytes(row[0]))
 
-    def set(self, key, value, ttl=None):
-        statement, params = self.sent["set"]
-        flags, data = self.encoded
-        self.cursor.execute(statement, {**params, "k": key, "val": data, "flg": flags, "ttl": ttl}, **self.options)
+    def set(self, key, value):
+        statement, _ = self.sql["set"]
+        self.cursor.execute(statement, {"k": key, "val": json.dumps(value, separators=(",", ":")).encode(),
+                                        "flg": 2, "ttl": None})
 
 
-class AsyncRunner:
-    """Runs AsyncCache calls one at a time on a private event loop, to compare per-call latency."""
+class Replay:
+    """A raw blocking driver connection in autocommit sending the library's own statements."""
 
-    def __init__(self, url: str, schema: str):
-        self.loop = asyncio.new_event_loop()
-        self.engine = create_async_engine(url, pool_size=1)
-        self.cache = AsyncCache(self.engine, schema=schema)
+    def __init__(self, cursor, sql: dict, **options):
+        self.cursor, self.sql, self.options = cursor, sql, options
 
     def get(self, key):
-        return self.loop.run_until_complete(self.cache.get(key))
+        compiled, fixed = self.sql["get"]
+        self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key}), **self.options)
+        return json.loads(bytes(self.cursor.fetchone()[0]))
 
-    def set(self, key, value, ttl=None):
-        return self.loop.run_until_complete(self.cache.set(key, value, ttl))
+    def set(self, key, value):
+        compiled, fixed = self.sql["set"]
+        data = json.dumps(value, separators=(",", ":")).encode().hex()
+        self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key, "val": data}), **self.options)
+        self.cursor.fetchone()
 
-    def close(self):
-        self.loop.run_until_complete(self.engine.dispose())
-        self.loop.close()
+
+class RedisBlocking:
+    def __init__(self, client, prefix: str):
+        self.r, self.prefix = client, prefix
+
+    def get(self, key):
+        return json.loads(self.r.get(self.prefix + key))
+
+    def set(self, key, value):
+        self.r.set(self.prefix + key, json.dumps(value, separators=(",", ":")))
 
 
-def time_calls(call, calls: int) -> list[float]:
-    samples = []
-    for i in range(calls):
-        key = KEYS[i % len(KEYS)]
-        started = time.perf_counter_ns()
+# -- async contenders ---------------------------------------------------------------------------
+
+class AsyncReplayPsycopg:
+    """A raw psycopg 3 AsyncConnection (autocommit, prepared) sending the library's own statements."""
+
+    def __init__(self, connection, sql: dict):
+        self.connection, self.cursor, self.sql = connection, connection.cursor(), sql
+
+    async def get(self, key):
+        compiled, fixed = self.sql["get"]
+        await self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key}), prepare=True)
+        return json.loads(bytes((await self.cursor.fetchone())[0]))
+
+    async def set(self, key, value):
+        compiled, fixed = self.sql["set"]
+        data = json.dumps(value, separators=(",", ":")).encode().hex()
+        await self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key, "val": data}), prepare=True)
+        await self.cursor.fetchone()
+
+
+class AsyncReplayAsyncpg:
+    """A raw asyncpg connection sending the library's own statements (asyncpg prepares them itself)."""
+
+    def __init__(self, connection, sql: dict):
+        self.connection, self.sql = connection, sql
+
+    async def get(self, key):
+        compiled, fixed = self.sql["get"]
+        row = await self.connection.fetchrow(compiled.sql, *compiled.values({**fixed, "k": key}))
+        return json.loads(bytes(row[0]))
+
+    async def set(self, key, value):
+        compiled, fixed = self.sql["set"]
+        data = json.dumps(value, separators=(",", ":")).encode().hex()
+        await self.connection.fetchrow(compiled.sql, *compiled.values({**fixed, "k": key, "val": data}))
+
+
+class RedisAsync:
+    def __init__(self, client, prefix: str):
+        self.r, self.prefix = client, prefix
+
+    async def get(self, key):
+        return json.loads(await self.r.get(self.prefix + key))
+
+    async def set(self, key, value):
+        await self.r.set(self.prefix + key, json.dumps(value, separators=(",", ":")))
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+def timed(call, keys) -> list[float]:
+    clock, samples = time.perf_counter_ns, []
+    for key in keys:
+        started = clock()
         call(key)
-        samples.append((time.perf_counter_ns() - started) / 1000)
+        samples.append((clock() - started) / 1000)
     return samples
 
 
-def measure(contenders: dict, rounds: int, calls: int) -> dict:
-    """{(workload, contender): [latency µs]} over interleaved rounds."""
-    workloads = {"get": lambda c: c.get, "set": lambda c: (lambda key: c.set(key, VALUE, 3600))}
-    samples = {(w, name): [] for w in workloads for name in contenders}
-    names = list(contenders)
+async def timed_async(call, keys) -> list[float]:
+    clock, samples = time.perf_counter_ns, []
+    for key in keys:
+        started = clock()
+        await call(key)
+        samples.append((clock() - started) / 1000)
+    return samples
+
+
+def workloads(contender) -> dict:
+    return {"get": contender.get, "set": lambda key: contender.set(key, VALUE)}
+
+
+def run_rounds(blocking: dict, async_: dict, loop, rounds: int, calls: int, interleave: str) -> dict:
+    """{(workload, contender): [µs]}: blocks of `calls` per contender per round, or call by call in turn."""
+    samples: dict = {}
+    everyone = [(name, False) for name in blocking] + [(name, True) for name in async_]
     for round_no in range(rounds):
-        order = names[round_no % len(names):] + names[:round_no % len(names)]
-        for workload, bind in workloads.items():
-            for name in order:
-                call = bind(contenders[name])
-                time_calls(call, 20)  # warm: pool, prepared statements, caches
-                samples[(workload, name)] += time_calls(call, calls)
+        shift = round_no % len(everyone)
+        order = everyone[shift:] + everyone[:shift]
+        for workload in ("get", "set"):
+            keys = [KEYS[(round_no * calls + i) % len(KEYS)] for i in range(calls)]
+            if interleave == "call":
+                for key in keys:
+                    for name, is_async in order:
+                        call = workloads((async_ if is_async else blocking)[name])[workload]
+                        sample = (loop.run_until_complete(timed_async(call, [key])) if is_async
+                                  else timed(call, [key]))
+                        samples.setdefault((workload, name), []).extend(sample)
+                continue
+            for name, is_async in order:
+                call = workloads((async_ if is_async else blocking)[name])[workload]
+                if is_async:
+                    loop.run_until_complete(timed_async(call, keys[:20]))  # warm-up
+                    sample = loop.run_until_complete(timed_async(call, keys))
+                else:
+                    timed(call, keys[:20])
+                    sample = timed(call, keys)
+                samples.setdefault((workload, name), []).extend(sample)
     return samples
 
 
-def report(samples: dict, floor: str) -> None:
-    print(f"{'workload':8} {'contender':34} {'p50 µs':>8} {'mean µs':>8} {'p50/floor':>10}")
-    for workload in ("get", "set"):
-        base = statistics.median(samples[(workload, floor)])
-        for (w, name), values in samples.items():
-            if w == workload:
-                p50 = statistics.median(values)
-                print(f"{workload:8} {name:34} {p50:8.1f} {statistics.fmean(values):8.1f} {p50 / base:10.2f}")
+async def throughput(worker_factory, tasks: int, ops: int) -> float:
+    """ops/s of `tasks` tasks doing get then set `ops` times, sharing what `worker_factory` made."""
+    async def task(index, worker):
+        for i in range(ops):
+            key = KEYS[(index * ops + i) % len(KEYS)]
+            await worker.get(key)
+            await worker.set(key, VALUE)
+
+    worker = await worker_factory()
+    started = time.perf_counter()
+    await asyncio.gather(*(task(index, worker) for index in range(tasks)))
+    return tasks * ops * 2 / (time.perf_counter() - started)
+
+
+class SharedConnections:
+    """Raw async connections shared by many tasks, each call taking one from a queue (a minimal pool)."""
+
+    def __init__(self, connections, wrap):
+        self.queue = asyncio.Queue()
+        for connection in connections:
+            self.queue.put_nowait(wrap(connection))
+
+    async def get(self, key):
+        worker = await self.queue.get()
+        try:
+            return await worker.get(key)
+        finally:
+            self.queue.put_nowait(worker)
+
+    async def set(self, key, value):
+        worker = await self.queue.get()
+        try:
+            return await worker.set(key, value)
+        finally:
+            self.queue.put_nowait(worker)
+
+
+def summarise(samples: dict) -> dict:
+    return {f"{workload} | {name}": statistics.median(values) for (workload, name), values in samples.items()}
+
+
+def ratio(p50: dict, workload: str, top: str, bottom: str):
+    a, b = p50.get(f"{workload} | {top}"), p50.get(f"{workload} | {bottom}")
+    return None if a is None or b is None else a / b
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="PostgreSQL URL (default: FASTPGCACHE_URL, else an embedded server)")
+    parser.add_argument("--redis", help="Redis URL, to measure redis-py beside")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and calls (a smoke run)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="split",
-                        help="CPU layout of client and local server, as in `fastpgcache bench` (default split)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="split", help="CPU layout (default split)")
+    parser.add_argument("--interleave", choices=("block", "call"), default="block",
+                        help="contenders in blocks of calls per round (default), or taking turns call by call")
+    parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    rounds, calls = (2, 100) if args.quick else (5, 500)
+    rounds, calls = (2, 100) if args.quick else (5, 400)
 
-    url = make_url(default_url())
+    url = make_url(args.url or default_url())
     schema = f"bench_drivers_{uuid.uuid4().hex[:8]}"
-    setup_cache(url=driver_url(url, "psycopg2"), schema=schema)
-    on_psycopg2 = FastPgCache(url=driver_url(url, "psycopg2"), schema=schema, minconn=1, maxconn=1)
-    on_psycopg2.set_many({key: VALUE for key in KEYS}, ttl=3600)
-    on_psycopg = FastPgCache(url=driver_url(url, "psycopg"), schema=schema, minconn=1, maxconn=1,
-                             prepare_threshold=None)
-    prepared = FastPgCache(url=driver_url(url, "psycopg"), schema=schema, minconn=1, maxconn=1,
-                           prepare_threshold=0)
-    raw2 = psycopg2.connect(libpq_dsn(url))
-    raw2.autocommit = True
-    raw3 = psycopg.connect(libpq_dsn(url), autocommit=True)
-    on_async = AsyncRunner(driver_url(url, "psycopg"), schema)
-    sent = capture_sql(url.set(drivername="postgresql+psycopg2"), schema)  # the exact SQL the library sends
-    contenders = {
-        "raw psycopg2 (floor)": RawReplay(raw2, sent),
-        "raw psycopg 3, prepared": RawReplay(raw3, sent, prepare=True),
-        "fastpgcache psycopg2": on_psycopg2,
-        "fastpgcache psycopg 3, unprepared": on_psycopg,
-        "fastpgcache psycopg 3, prepared": prepared,
-        "fastpgcache AsyncCache psycopg 3": on_async,
-    }
-    # An engine for pinning and cleanup: each client keeps its pool's one connection (maxconn=1) between calls.
     admin = create_engine(driver_url(url, "psycopg2"), poolclass=NullPool)
-    pinned = apply_layout(args.layout, admin)  # one placement for every contender (bench.py)
+    setup_cache(engine=admin, schema=schema)
+    with admin.begin() as connection:
+        table = create_floor_table(connection, schema)
+    loop = asyncio.new_event_loop()
+    closers = []
     try:
-        print(f"server {on_psycopg2.bind.dialect.server_version_info}, {rounds} rounds x {calls} calls, "
-              f"value {len(str(VALUE))} chars; {pinned.note}")
-        report(measure(contenders, rounds, calls), "raw psycopg2 (floor)")
+        lib2 = FastPgCache(url=driver_url(url, "psycopg2"), schema=schema, maxconn=1, use_cuckoo_filter=False,
+                           expire_every=None)
+        lib3 = FastPgCache(url=driver_url(url, "psycopg"), schema=schema, maxconn=1, use_cuckoo_filter=False,
+                           prepare_threshold=0, expire_every=None)
+        closers += [lib2.close, lib3.close]
+        lib2.set_many(dict.fromkeys(KEYS, VALUE))
+        floor_connection = psycopg2.connect(libpq_dsn(url))
+        floor_connection.autocommit = True
+        Floor(floor_connection, table).cursor.execute(
+            "INSERT INTO " + table + " (key, value, flags) SELECT k, %s, 2 FROM unnest(%s) AS k", (ENCODED, KEYS))
+        raw2 = psycopg2.connect(libpq_dsn(url))
+        raw2.autocommit = True
+        raw3 = psycopg.connect(libpq_dsn(url), autocommit=True)
+        closers += [floor_connection.close, raw2.close, raw3.close]
+        blocking = {
+            "psycopg2, plain table": Floor(floor_connection, table),
+            "psycopg2, library SQL": Replay(raw2.cursor(), library_sql(lib2, lib2.bind.dialect)),
+            "FastPgCache psycopg2": lib2,
+            "psycopg 3 prepared, library SQL": Replay(raw3.cursor(), library_sql(lib3, lib3.bind.dialect),
+                                                      prepare=True),
+            "FastPgCache psycopg 3 prepared": lib3,
+        }
+        async_ = {}
+
+        async def async_setup():
+            for driver, label in (("psycopg", "psycopg 3"), ("asyncpg", "asyncpg")):
+                client = AsyncFastPgCache(url=driver_url(url, driver), schema=schema, maxconn=1,
+                                          use_cuckoo_filter=False, prepare_threshold=0, expire_every=None)
+                await client.open()
+                closers.append(lambda client=client: loop.run_until_complete(client.close()))
+                sql = library_sql(lib2, client.bind.sync_engine.dialect)
+                if driver == "psycopg":
+                    connection = await psycopg.AsyncConnection.connect(libpq_dsn(url), autocommit=True)
+                    replay = AsyncReplayPsycopg(connection, sql)
+                else:
+                    import asyncpg
+
+                    connection = await asyncpg.connect(libpq_dsn(url))
+                    replay = AsyncReplayAsyncpg(connection, sql)
+                closers.append(lambda connection=connection: loop.run_until_complete(connection.close()))
+                async_[f"async {label}, library SQL"] = replay
+                async_[f"AsyncFastPgCache {label}"] = client
+
+        loop.run_until_complete(async_setup())
+        redis_blocking = redis_async = None
+        if args.redis:
+            import redis
+            import redis.asyncio
+
+            prefix = f"bench_drivers:{schema}:"
+            redis_blocking = redis.Redis.from_url(args.redis)
+            redis_blocking.mset({prefix + key: ENCODED for key in KEYS})
+            blocking["Redis (redis-py)"] = RedisBlocking(redis_blocking, prefix)
+            redis_async = redis.asyncio.Redis.from_url(args.redis)
+            async_["Redis (redis.asyncio)"] = RedisAsync(redis_async, prefix)
+        pinned = apply_layout(args.layout, admin, args.redis)
+        try:
+            samples = run_rounds(blocking, async_, loop, rounds, calls, args.interleave)
+            p50 = summarise(samples)
+            negative = loop.run_until_complete(_async_negative_lookup(url, schema, calls))
+            tasks = loop.run_until_complete(_tasks(url, schema, args.redis, lib2))
+        finally:
+            pinned.undo()
+        _print(p50, negative, tasks, pinned.note, args, lib2.bind.dialect.server_version_info)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"p50_us": p50, "async_negative_lookup_p50_us": negative, "tasks_ops_per_s": tasks,
+                           "layout": args.layout, "interleave": args.interleave, "note": pinned.note}, handle,
+                          indent=2)
     finally:
-        pinned.undo()
-        on_async.close()
-        raw2.close()
-        raw3.close()
-        for client in (on_psycopg, prepared):
-            client.close()
-        on_psycopg2.close()
+        for close in reversed(closers):
+            close()
+        loop.close()
         with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+async def _async_negative_lookup(url: URL, schema: str, calls: int) -> float:
+    """p50 µs of `await get()` of keys never written, with AsyncFastPgCache's guard warm."""
+    async with AsyncFastPgCache(url=driver_url(url, "psycopg"), schema=schema, maxconn=1) as client:
+        await asyncio.to_thread(client.guard.wait_until_trusted, 30)
+        keys = [f"never:{i}" for i in range(calls * 5)]
+        await timed_async(client.get, keys[:100])
+        return statistics.median(await timed_async(client.get, keys))
+
+
+async def _tasks(url: URL, schema: str, redis_url: str | None, statements) -> dict:
+    """ops/s of TASKS tasks sharing TASK_CONNECTIONS connections: the library and each raw driver."""
+    import asyncpg
+
+    results, clients, dialects = {}, [], {}
+
+    async def library(driver):
+        client = AsyncFastPgCache(url=driver_url(url, driver), schema=schema, maxconn=TASK_CONNECTIONS,
+                                  use_cuckoo_filter=False, prepare_threshold=0, expire_every=None)
+        clients.append(client)
+        dialects[driver] = client.bind.sync_engine.dialect
+        return await client.open(TASK_CONNECTIONS)
+
+    async def raw_psycopg():
+        sql = library_sql(statements, dialects["psycopg"])
+        connections = [await psycopg.AsyncConnection.connect(libpq_dsn(url), autocommit=True)
+                       for _ in range(TASK_CONNECTIONS)]
+        clients.extend(connections)
+        return SharedConnections(connections, lambda connection: AsyncReplayPsycopg(connection, sql))
+
+    async def raw_asyncpg():
+        sql = library_sql(statements, dialects["asyncpg"])
+        connections = [await asyncpg.connect(libpq_dsn(url)) for _ in range(TASK_CONNECTIONS)]
+        clients.extend(connections)
+        return SharedConnections(connections, lambda connection: AsyncReplayAsyncpg(connection, sql))
+
+    try:
+        results["AsyncFastPgCache psycopg 3"] = await throughput(lambda: library("psycopg"), TASKS, TASK_OPS)
+        results["async psycopg 3, library SQL"] = await throughput(raw_psycopg, TASKS, TASK_OPS)
+        results["AsyncFastPgCache asyncpg"] = await throughput(lambda: library("asyncpg"), TASKS, TASK_OPS)
+        results["asyncpg, library SQL"] = await throughput(raw_asyncpg, TASKS, TASK_OPS)
+        if redis_url:
+            import redis.asyncio
+
+            pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=TASK_CONNECTIONS)
+            client = redis.asyncio.Redis(connection_pool=pool)  # waits for a connection, as the others do
+            clients.append(client)
+
+            async def redis_worker():
+                return RedisAsync(client, f"bench_drivers:{schema}:")
+
+            results["redis.asyncio"] = await throughput(redis_worker, TASKS, TASK_OPS)
+    finally:
+        for client in clients:
+            await (client.aclose() if hasattr(client, "aclose") else client.close())
+    return results
+
+
+def _print(p50: dict, negative: float, tasks: dict, note: str, args, version) -> None:
+    print(f"PostgreSQL {'.'.join(map(str, version))}, layout {args.layout}, interleave {args.interleave}; {note}")
+    print(f"{'workload | contender':52} {'p50 µs':>8}")
+    for name, value in p50.items():
+        print(f"{name:52} {value:8.1f}")
+    floor, goals = "psycopg2, plain table", []
+    for workload in ("get", "set"):
+        goals += [
+            (f"{workload}: FastPgCache psycopg2 / psycopg2 on a plain table (#19: <= 1.15)",
+             ratio(p50, workload, "FastPgCache psycopg2", floor)),
+            (f"{workload}: FastPgCache psycopg2 / psycopg2 replaying the library's SQL",
+             ratio(p50, workload, "FastPgCache psycopg2", "psycopg2, library SQL")),
+            (f"{workload}: FastPgCache psycopg 3 / raw psycopg 3, same SQL, prepared (#17: <= 1.10)",
+             ratio(p50, workload, "FastPgCache psycopg 3 prepared", "psycopg 3 prepared, library SQL")),
+            (f"{workload}: AsyncFastPgCache psycopg 3 / raw async psycopg 3, same SQL (#17: <= 1.25)",
+             ratio(p50, workload, "AsyncFastPgCache psycopg 3", "async psycopg 3, library SQL")),
+            (f"{workload}: AsyncFastPgCache asyncpg / raw asyncpg, same SQL (#17: <= 1.25)",
+             ratio(p50, workload, "AsyncFastPgCache asyncpg", "async asyncpg, library SQL")),
+            (f"{workload}: FastPgCache psycopg 3 / redis-py (stretch: <= 1.0)",
+             ratio(p50, workload, "FastPgCache psycopg 3 prepared", "Redis (redis-py)")),
+        ]
+    print("\nratios of p50 (this run):")
+    for name, value in goals:
+        print(f"  {name:90} {'n/a' if value is None else f'{value:.2f}'}")
+    print(f"\nasync negative lookup, warm guard, p50: {negative:.1f} µs (#17: < 5)")
+    print(f"{TASKS} tasks sharing {TASK_CONNECTIONS} connections (ops/s):")
+    for name, value in tasks.items():
+        print(f"  {name:40} {value:10.0f}")
+    for library, raw in (("AsyncFastPgCache psycopg 3", "async psycopg 3, library SQL"),
+                         ("AsyncFastPgCache asyncpg", "asyncpg, library SQL")):
+        print(f"  {library} / {raw}: {tasks[library] / tasks[raw]:.2f} (#17: >= 0.8)")
 
 
 if __name__ == "__main__":

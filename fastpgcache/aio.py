@@ -13,6 +13,8 @@ Needs SQLAlchemy's asyncio support and an async driver: the `asyncio` extra
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import inspect
 from typing import Any, AsyncIterator, Callable
@@ -106,28 +108,68 @@ def _driver_for(dialect):
 
 
 class AsyncLeases(ConnectionLeases):
-    """`ConnectionLeases` for an AsyncEngine: idle connections are taken and kept without awaiting;
-    whatever may talk to the server (a new connection, closing one) runs through SQLAlchemy's greenlet
-    bridge, as SQLAlchemy's own pool does."""
+    """`ConnectionLeases` for an AsyncEngine. Idle connections are taken and kept without awaiting; once
+    every connection it may hold is busy, a caller waits for the next one given back, handed over
+    directly (no pool round trip); whatever may talk to the server (a new connection, closing one)
+    runs through SQLAlchemy's greenlet bridge, as SQLAlchemy's own pool does."""
+
+    def __init__(self, engine, keep: int = 0):
+        super().__init__(engine, keep)
+        self._held = 0  # connections checked out of the pool for this stack: busy or idle
+        self._takers: collections.deque = collections.deque()  # callers waiting for a busy one
 
     async def take(self) -> Lease:
         while True:
             try:
                 lease = self._idle.pop()
             except IndexError:
-                return Lease(await greenlet_spawn(self._from_pool))
+                if self.keep and self._held >= self.keep:
+                    lease = await self._handed_over()
+                else:
+                    self._held += 1
+                    try:
+                        return Lease(await greenlet_spawn(self._from_pool))
+                    except BaseException:
+                        self._held -= 1
+                        raise
             if not lease.hung_up():
                 return lease
+            self._held -= 1
             await greenlet_spawn(lease.invalidate)
 
+    async def _handed_over(self) -> Lease:
+        # Every held connection is busy: wait (at most the pool's timeout) for one given back.
+        taker = asyncio.get_running_loop().create_future()
+        self._takers.append(taker)
+        try:
+            return await asyncio.wait_for(taker, self.engine.pool.timeout())
+        except asyncio.TimeoutError:
+            raise sa_exc.TimeoutError("no connection was given back in time") from None
+        finally:
+            if taker in self._takers:
+                self._takers.remove(taker)
+
     async def give_back(self, lease: Lease) -> None:
-        if self._waiting or self._closed or not lease.is_valid or len(self._idle) >= self.keep:
-            await greenlet_spawn(self.release, lease)  # closed or invalidated, in the pool's own ways
-        else:
-            self._idle.append(lease)
+        if not (self._waiting or self._closed) and lease.is_valid:
+            while self._takers:
+                taker = self._takers.popleft()
+                if not taker.done():
+                    taker.set_result(lease)
+                    return
+            if len(self._idle) < self.keep:
+                self._idle.append(lease)
+                return
+        self._held -= 1
+        await greenlet_spawn(self.release, lease)  # closed or invalidated, in the pool's own ways
 
     async def lose(self, lease: Lease, error: BaseException) -> None:
+        self._held -= 1
         await greenlet_spawn(self.lost, lease, error)
+
+    def drain(self, count: int | None = None) -> None:
+        before = len(self._idle)
+        super().drain(count)
+        self._held -= before - len(self._idle)
 
 
 class AsyncLeasingQueuePool(AsyncAdaptedQueuePool, LeasingQueuePool):

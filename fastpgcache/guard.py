@@ -63,6 +63,10 @@ PSYCOPG3_FLOOR = (3, 3)
 WAKE_SECONDS = 0.1
 """The idle listener wakes this often to notice stop(), so closing a client is quick."""
 
+BATCH_SECONDS = 0.005
+"""After taking notifications the listener sleeps this long (without the GIL), so a busy table wakes it at
+most 200 times a second instead of once per write; another process's key is seen this much later."""
+
 _RUNNING: "weakref.WeakSet[NegativeLookupGuard]" = weakref.WeakSet()
 
 
@@ -326,7 +330,8 @@ class NegativeLookupGuard:
         next_beat = time.monotonic() + self.heartbeat
         next_queue_check = time.monotonic() + QUEUE_CHECK_SECONDS
         while not self._stopping.is_set():
-            self._receive(listener, WAKE_SECONDS)
+            if self._receive(listener, WAKE_SECONDS):
+                self._stopping.wait(BATCH_SECONDS)
             now = time.monotonic()
             if now >= next_queue_check:
                 self._check_queue(listener)

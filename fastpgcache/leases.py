@@ -99,10 +99,10 @@ class Lease:
         if is_closed is not None:  # asyncpg: its protocol reads the socket and sees the server hang up
             return is_closed()
         if poll is None:
-            return socket_closed(self.fairy.dbapi_connection)
+            return socket_closed(self.driver)
         if self._poller is None:
             try:
-                fd = self.fairy.dbapi_connection.fileno()
+                fd = self.driver.fileno()  # the driver's own connection: SQLAlchemy's async adapter has no fileno
             except Exception:  # fileno() of a closed connection raises
                 return True
             self._poller = poll()
