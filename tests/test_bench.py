@@ -147,7 +147,7 @@ def _repinnable_postmaster(engine) -> int | None:
     """The local postmaster behind `engine` when this process may change its affinity, else None."""
     with engine.connect() as connection:
         backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
-        postmaster = bench._local_parent(backend, "postgres")
+        postmaster = bench.layout._local_parent(backend, "postgres")
     if postmaster and os.geteuid() not in (0, os.stat(f"/proc/{postmaster}").st_uid):
         return None  # a local server we may not re-pin: only this process is pinned
     return postmaster
@@ -258,7 +258,7 @@ def test_none_layout_pins_nothing_and_says_so(forking_engine):
 
 def test_a_run_in_the_none_layout_never_pins(pg_url, monkeypatch):
     calls = []
-    monkeypatch.setattr(bench, "pin_to_cpu", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(bench.layout, "pin_to_cpu", lambda *args, **kwargs: calls.append(args))
     settings = bench.Settings(rounds=1, calls=2, budget_s=0.05, threads=2, thread_ops=2, batch_sizes=(10,),
                               layout="none")
     report = bench.run_bench(pg_url, settings=settings, progress=False, exclude=ONLY_FLOOR_AND_LIBRARY)
@@ -312,10 +312,10 @@ def test_cleanup_steps_each_run_when_an_earlier_one_fails(pg_url, monkeypatch):
         raise KeyboardInterrupt  # stop the run before measuring: only its cleanup is under test
 
     monkeypatch.setattr(fastpgcache.embedded, "EmbeddedPostgres", Server)
-    monkeypatch.setattr(bench, "pin_to_cpu", lambda client_cpu, engine, redis_url=None, *, server_cpu=None: (
+    monkeypatch.setattr(bench.layout, "pin_to_cpu", lambda client_cpu, engine, redis_url=None, *, server_cpu=None: (
         lambda: done.append("unpinned"), None))
     monkeypatch.setattr(bench._Scratch, "close", failing_close)
-    monkeypatch.setattr(bench, "build_workloads", no_workloads)
+    monkeypatch.setattr(bench.run, "build_workloads", no_workloads)
     with pytest.raises(RuntimeError, match="close failed"):
         bench.run_bench(settings=TINY, progress=False, exclude={DJANGO})
     assert done == ["unpinned", "server stopped"]

@@ -1,0 +1,87 @@
+"""The floors every ratio is measured against: plain SQL on a plain table, and the library's own SQL."""
+from __future__ import annotations
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from ..cache import Cache
+
+
+FLOOR_TABLE = "floor"
+"""The floor's plain table in the bench schema: the cache's columns, index and fillfactor, nothing else."""
+
+_FLOOR_UPSERT = ("INSERT INTO {t} (user_id, key, value, flags, expires_at) VALUES {values} ON CONFLICT (user_id, key)"
+                 " DO UPDATE SET value = excluded.value, flags = excluded.flags, expires_at = excluded.expires_at,"
+                 " created_at = now()")
+_FLOOR_ROW = "(current_user, %(k)s, %(val)s, %(flg)s, now() + %(ttl)s * interval '1 second')"
+_FLOOR_MINE = "user_id = CAST(current_user AS text) COLLATE \"default\" AND (expires_at IS NULL OR expires_at > now())"
+
+
+def floor_sql(qualified_table: str) -> dict:
+    """The plain SQL of a hand-written cache on `qualified_table`: what every ratio is measured against."""
+    t = qualified_table
+    return {
+        "get": (f"SELECT value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = %(k)s", {}),
+        "get_many": (f"SELECT key, value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = ANY(%(ks)s)", {}),
+        "set": (_FLOOR_UPSERT.format(t=t, values=_FLOOR_ROW), {}),
+        "set_values": (_FLOOR_UPSERT.format(t=t, values="%s"), _FLOOR_ROW, {}),
+        "incr": (f"INSERT INTO {t} AS c (user_id, key, value, flags) VALUES (current_user, %(k)s,"
+                 " convert_to(CAST(%(amount)s AS text), 'UTF8'), 2) ON CONFLICT (user_id, key) DO UPDATE SET"
+                 " value = convert_to(CAST(CAST(convert_from(c.value, 'UTF8') AS bigint) + %(amount)s AS text),"
+                 " 'UTF8') RETURNING convert_from(c.value, 'UTF8')", {}),
+    }
+
+
+def create_floor_table(connection, schema: str, logged: bool = False) -> str:
+    """The floor's table in `schema`, shaped as the cache's; returns its qualified name."""
+    from sqlalchemy import MetaData
+
+    from ..model import cache_table
+
+    table = cache_table(FLOOR_TABLE).to_metadata(MetaData(), schema=schema)
+    table.create(connection)
+    qualified = f'"{schema}"."{FLOOR_TABLE}"'
+    connection.execute(text(f"ALTER TABLE {qualified} SET (fillfactor = 70)"))
+    if logged:
+        connection.execute(text(f"ALTER TABLE {qualified} SET LOGGED"))
+    return qualified
+
+
+def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
+    """The exact SQL text and literal parameters the library sends for get, get_many, set and incr.
+
+    Recorded at the driver's cursor, below however the library executes, so the
+    replaying contender sends the very same strings (function calls included).
+    """
+    import psycopg2.extensions
+
+    seen: list = []
+
+    class RecordingCursor(psycopg2.extensions.cursor):
+        def execute(self, query, vars=None):
+            seen.append((query, dict(vars or {})))
+            return super().execute(query, vars)
+
+    engine = create_engine(url, connect_args={"cursor_factory": RecordingCursor}, poolclass=NullPool)
+    cache = Cache(engine, schema=schema, table=table, expire_every=None)
+    calls = {"set": ("_set(", lambda: cache.set("bench:capture", 1)),
+             "get": ("SELECT", lambda: cache.get("bench:capture")),
+             "get_many": ("SELECT", lambda: cache.get_many(["bench:capture"])),
+             "incr": ("_incr(", lambda: cache.incr("bench:capture:n"))}
+    sql = {}
+    try:
+        for name, (mark, call) in calls.items():
+            seen.clear()
+            call()
+            sql[name] = next(item for item in seen if _is_cache_sql(item[0], mark))
+        cache.delete_many(["bench:capture", "bench:capture:n"])
+    finally:
+        engine.dispose()
+    return sql
+
+
+def _is_cache_sql(query, mark: str) -> bool:
+    # Skips what the pool, the dialect or the identity lookup send around the call itself.
+    text_ = query.decode() if isinstance(query, bytes) else str(query)
+    return mark in text_ and ".cache" in text_ and "_secrets" not in text_
