@@ -17,7 +17,8 @@ import zlib
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Compiled, make_url
+from sqlalchemy.sql import ClauseElement
 
 from fastpgcache import escape_glob, setup_cache
 
@@ -814,12 +815,12 @@ def write_from_another_process(pg_url, schema: str, key: str) -> None:
 
 
 def statements_run_by(backend, monkeypatch) -> list:
-    """The statements the backend's store sends from now on (recorded at the driver cursor)."""
+    """The SQL of every statement the backend's store sends from now on, recorded where it reaches the driver."""
     sent, run = [], backend.store._run
 
-    def recording_run(pooled, dialect, statement, params, consume):
-        sent.append(statement)
-        return run(pooled, dialect, statement, params, consume)
+    def recording_run(*args, **kwargs):
+        sent.extend(str(arg) for arg in args if isinstance(arg, (ClauseElement, Compiled)))
+        return run(*args, **kwargs)
 
     monkeypatch.setattr(backend.store, "_run", recording_run)
     return sent

@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Compiled, make_url
+from sqlalchemy.sql import ClauseElement
 
 flask = pytest.importorskip("flask")
 flask_caching = pytest.importorskip("flask_caching")
@@ -235,6 +236,18 @@ def test_cache_writes_roll_back_with_a_failed_request(notes_app):
     assert not outside.exists("note:junk")
 
 
+def statements_run_by(backend, monkeypatch) -> list:
+    """The SQL of every statement the backend's store sends from now on, recorded where it reaches the driver."""
+    sent, run = [], backend.store._run
+
+    def recording_run(*args, **kwargs):
+        sent.extend(str(arg) for arg in args if isinstance(arg, (ClauseElement, Compiled)))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(backend.store, "_run", recording_run)
+    return sent
+
+
 DOWN = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens on port 1
 
 
@@ -265,15 +278,10 @@ def test_clear_with_a_prefix_is_one_statement(pg_url, schema, monkeypatch):
     other = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="q_")).cache
     backend.set_many({f"k{i}": i for i in range(5)})
     other.set("k0", "kept")
-    statements, run = [], backend.store._run
-
-    def recording_run(pooled, dialect, statement, params, consume):
-        statements.append(str(statement).split("(")[0])
-        return run(pooled, dialect, statement, params, consume)
-
-    monkeypatch.setattr(backend.store, "_run", recording_run)
+    statements = statements_run_by(backend, monkeypatch)
     assert backend.clear() is True
-    assert statements == [f"SELECT {schema}.cache_clear"]  # one call of the clear function, no key listed first
+    # One call of the clear function, no key listed first.
+    assert [sql.split("(")[0] for sql in statements] == [f"SELECT {schema}.cache_clear"]
     assert backend.get_many("k0", "k4") == [None, None]
     assert other.get("k0") == "kept"
 
@@ -420,8 +428,7 @@ def test_guard_setting_answers_absent_keys_without_a_round_trip_and_sees_other_w
     guard = first.store.guard
     try:
         assert second.store.guard is guard and guard.wait_until_trusted(10)
-        sent, run = [], first.store._run
-        monkeypatch.setattr(first.store, "_run", lambda *args: sent.append(args[2]) or run(*args))
+        sent = statements_run_by(first, monkeypatch)
         assert [first.get(f"absent{i}") for i in range(20)] == [None] * 20 and not first.has("absent")
         assert sent == []  # answered by the guard alone
         write_from_another_process(pg_url, schema, "flask_cache_elsewhere")
