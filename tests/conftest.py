@@ -104,6 +104,29 @@ def nested_plans(engine):
 
 
 @pytest.fixture
+def record_statements():
+    """record_statements(engine): a list that fills with the SQL of every statement sent on `engine` from now
+    on (a cursor listener, removed after the test)."""
+    from sqlalchemy import event
+
+    listening = []
+
+    def start(engine) -> list:
+        sent = []
+
+        def record(connection, cursor, statement, *args):
+            sent.append(statement)
+
+        event.listen(engine, "before_cursor_execute", record)
+        listening.append((engine, record))
+        return sent
+
+    yield start
+    for engine, record in listening:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.fixture
 def in_threads():
     """in_threads(work, count, timeout): run work(0..count-1) in threads; the errors they raised,
     and a hang as an error of its own, so `== []` names what went wrong."""

@@ -60,7 +60,7 @@ def test_a_row_written_through_the_coordinator_is_read_through_every_worker(citu
 def test_unlogged_and_row_level_security_carry_to_every_shard(citus, table):
     for url in citus.worker_urls:
         # Shards are hidden from ordinary catalog queries on a worker unless visibility is overridden.
-        shards = _rows(url, f"""
+        shards = _rows(url, """
             SET citus.override_table_visibility = off;
             SELECT c.relname, c.relpersistence, c.relrowsecurity,
                    EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = c.oid AND p.polname = 'own_rows')

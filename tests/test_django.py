@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import pickle
+import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,14 +17,15 @@ import zlib
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
-from fastpgcache import setup_cache
+from fastpgcache import escape_glob, setup_cache
 
 django = pytest.importorskip("django")
 
 from django.conf import settings  # noqa: E402
 from django.core import signals  # noqa: E402
-from django.core.cache.backends.base import CacheKeyWarning, InvalidCacheKey  # noqa: E402
+from django.core.cache.backends.base import BaseCache, CacheKeyWarning, InvalidCacheKey  # noqa: E402
 from django.core.exceptions import ImproperlyConfigured  # noqa: E402
 from django.core.management import CommandError, call_command  # noqa: E402
 
@@ -34,14 +39,30 @@ def reversed_key(key, key_prefix, version):
     return f"CUSTOM-{key_prefix}-{version}-{key}"[::-1]
 
 
+def object_key(key, key_prefix, version):
+    """A KEY_FUNCTION returning something no cache can use as a key."""
+    return object()
+
+
+class UnbuildableCache(BaseCache):
+    """Stands for a backend whose client library this process lacks: building it fails."""
+
+    def __init__(self, location, params):
+        raise RuntimeError("this backend needs a client library that is not installed")
+
+
 @pytest.fixture(scope="module")
 def django_schemas(engine, pg_url):
-    """Django configured once: several aliases on one cache table, and one alias whose table does not exist yet."""
+    """Django configured once: several aliases on one cache table, one alias whose table does not exist yet,
+    and two culling aliases with Django's test settings, each on a table of its own (culling counts every
+    entry of the role in its table)."""
     shared, fresh = f"dj_{uuid.uuid4().hex[:10]}", f"djnew_{uuid.uuid4().hex[:10]}"
-    setup_cache(engine=engine, schema=shared)
+    cull, zero_cull = f"djcull_{uuid.uuid4().hex[:10]}", f"djzero_{uuid.uuid4().hex[:10]}"
+    for name in (shared, cull, zero_cull):
+        setup_cache(engine=engine, schema=name)
 
-    def alias(**extra):
-        return {"BACKEND": BACKEND, "LOCATION": pg_url, "OPTIONS": {"schema": shared}, **extra}
+    def alias(schema=shared, options=None, **extra):
+        return {"BACKEND": BACKEND, "LOCATION": pg_url, "OPTIONS": {"schema": schema, **(options or {})}, **extra}
 
     caches = {
         "default": alias(),
@@ -49,18 +70,22 @@ def django_schemas(engine, pg_url):
         "v2": alias(VERSION=2),
         "custom_key": alias(KEY_FUNCTION=reversed_key),
         "custom_key2": alias(KEY_FUNCTION=f"{__name__}.reversed_key"),
+        "object_key": alias(KEY_FUNCTION=object_key),
         "short": alias(TIMEOUT=1),
         "forever": alias(TIMEOUT=None),
-        "fresh": {"BACKEND": BACKEND, "LOCATION": pg_url, "OPTIONS": {"schema": fresh}},
+        "fresh": alias(fresh),
+        "cull": alias(cull, {"MAX_ENTRIES": 30}),
+        "zero_cull": alias(zero_cull, {"MAX_ENTRIES": 30, "CULL_FREQUENCY": 0}),
         "local": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+        "unbuildable": {"BACKEND": f"{__name__}.UnbuildableCache"},
     }
     if not settings.configured:
         settings.configure(CACHES=caches, INSTALLED_APPS=["fastpgcache.contrib.django_app"], USE_TZ=True,
                            SECRET_KEY="tests-only-" + uuid.uuid4().hex)
         django.setup()
-    yield shared, fresh
+    yield shared, fresh, cull, zero_cull
     with engine.begin() as connection:
-        for name in (shared, fresh):
+        for name in (shared, fresh, cull, zero_cull):
             connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
 
 
@@ -296,9 +321,55 @@ def test_clear_removes_every_prefix_and_version(caches):
     assert caches["v2"].get("key3") is None
 
 
-def test_never_culls_however_many_entries(cache):
+def test_without_max_entries_or_cull_frequency_nothing_is_culled(cache):
     cache.set_many({f"cull{i}": i for i in range(400)})  # more than Django's default MAX_ENTRIES of 300
+    cache.set("one_more", 1)
     assert len(cache.get_many([f"cull{i}" for i in range(400)])) == 400
+
+
+def entries_left_after_django_s_cull_test(cache) -> int:
+    """Django's own culling test: keys 1..49 set one by one, then how many are still there."""
+    cache.clear()
+    for i in range(1, 50):
+        cache.set(f"cull{i}", "value", 1000)
+    return sum(cache.has_key(f"cull{i}") for i in range(1, 50))
+
+
+def test_max_entries_culls_a_third_as_django_s_database_cache_does(caches):
+    # 31 entries: the 32nd write culls 10 (oldest first) and adds one: 22; at 31 again the 42nd does; 49 -> 29.
+    assert entries_left_after_django_s_cull_test(caches["cull"]) == 29
+    assert caches["cull"].has_key("cull49") and not caches["cull"].has_key("cull1")  # the oldest went
+
+
+def test_cull_frequency_zero_empties_the_cache_as_django_s_database_cache_does(caches):
+    # The 32nd write finds 31 entries and empties the cache; keys 32..49 remain (Django's DBCacheTests: 18).
+    assert entries_left_after_django_s_cull_test(caches["zero_cull"]) == 18
+    assert caches["zero_cull"].get_many([f"cull{i}" for i in (31, 32, 49)]) == {"cull32": "value",
+                                                                               "cull49": "value"}
+
+
+def test_culling_removes_expired_entries_first(caches):
+    cull = caches["cull"]
+    cull.clear()
+    cull.set_many({f"old{i}": i for i in range(25)}, timeout=1000)
+    cull.set_many({f"brief{i}": i for i in range(6)}, timeout=0.3)
+    time.sleep(0.5)
+    cull.set("trigger", 1)  # 31 entries, 6 of them expired: those go, 25 are left, so nothing else does
+    assert len(cull.get_many([f"old{i}" for i in range(25)])) == 25
+    assert cull.store.stats()["entries"] == 26 and cull.store.stats()["expired"] == 0
+
+
+def test_add_and_set_many_cull_too_and_cull_frequency_alone_keeps_django_s_max_entries(django_schemas, pg_url,
+                                                                                      engine):
+    backend = FastPgCache(pg_url, {"OPTIONS": {"schema": django_schemas[3], "CULL_FREQUENCY": "0"}})
+    backend.clear()
+    backend.set_many({f"k{i}": i for i in range(301)})  # found 0 entries: nothing culled, 301 now
+    assert backend.add("added", 1) is True  # found 301 > 300 (Django's default MAX_ENTRIES): emptied first
+    assert backend.store.stats()["entries"] == 1 and backend.get("added") == 1
+    backend.set_many({f"k{i}": i for i in range(300)})
+    backend.set_many({"a": 1, "b": 2})  # found 301: emptied, then the batch written
+    assert backend.get_many(["a", "b", "k0"]) == {"a": 1, "b": 2}
+    backend.clear()
 
 
 # -- timeouts ------------------------------------------------------------------------------
@@ -400,14 +471,44 @@ def test_keys_with_spaces_warn_but_work(cache):
         assert cache.get("key with spaces") == "value"
 
 
-@pytest.mark.parametrize("key", ["nul\x00key", "é" * 600])
-def test_keys_the_table_cannot_hold_are_refused_before_any_sql(cache, key):
+@pytest.mark.parametrize("key", ["nul\x00key", "é" * 600, "k" * 5000, "ends~sha256:" + "0" * 64])
+def test_keys_the_table_cannot_hold_work_in_digest_form(cache, key):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CacheKeyWarning)
-        for operation in (lambda: cache.set(key, 1), lambda: cache.get(key), lambda: cache.get_many([key]),
-                          lambda: cache.set_many({key: 1}), lambda: cache.delete_many([key])):
-            with pytest.raises(InvalidCacheKey, match="invalid cache key"):
-                operation()
+        assert cache.add(key, 1) is True and cache.get(key) == 1 and cache.has_key(key)
+        assert cache.incr(key, 2) == 3 and cache.touch(key, 100) is True
+        cache.set_many({key: "batch", "plain": "p"})
+        assert cache.get_many([key, "plain"]) == {key: "batch", "plain": "p"}
+        cache.delete_many([key])
+        assert cache.get(key, "gone") == "gone"
+        cache.set(key, {"v": 1})
+        stored = cache.make_key(key)
+    assert cache.store.get(stored, parse_json=False) is not None  # make_key names what the table holds
+    assert stored != f":1:{key}" and len(stored.encode()) <= 1024 and "\x00" not in stored
+    assert stored.startswith(f":1:{key}"[:100].replace("\x00", "\ufffd"))  # a readable start...
+    assert re.fullmatch(r".*~sha256:[0-9a-f]{64}", stored)  # ...and the digest of the whole key
+    cache.delete("plain")
+    assert cache.store.keys(escape_glob(":1:") + "*") == [stored]
+
+
+@pytest.mark.filterwarnings("ignore::django.core.cache.backends.base.CacheKeyWarning")
+def test_distinct_keys_never_share_a_digest_form(cache):
+    long_one = "p" * 2000
+    impostor = cache.make_key(long_one)[len(":1:"):]  # a key spelled as the other's stored form
+    cache.set(long_one, "long")
+    cache.set(impostor, "impostor")
+    assert cache.get(long_one) == "long" and cache.get(impostor) == "impostor"
+    assert cache.make_key(impostor) != cache.make_key(long_one)
+
+
+def test_portability_warnings_are_about_django_s_key_not_its_stored_form(cache):
+    with pytest.warns(CacheKeyWarning, match="characters that will cause errors"):
+        cache.set("nul\x00key", 1)  # stored without the NUL, still warned about as memcached would be
+
+
+def test_a_key_function_returning_no_key_is_refused(caches):
+    with pytest.raises(InvalidCacheKey, match="invalid key type object"):
+        caches["object_key"].set("k", 1)
 
 
 def test_custom_key_functions(caches):
@@ -516,11 +617,26 @@ def test_cache_entries_are_readable_by_plain_cache_with_the_secret_key(cache, dj
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"MAX_ENTRIES": 100}, "does not cull"),
-    ({"shcema": "x"}, "unknown fastpgcache OPTIONS"),
+    ({"shcema": "x"}, r"unknown fastpgcache OPTIONS \['shcema'\]"),
+    ({"max_entires": 10}, "Accepted: schema: "),
+    ({"MAX_ENTRIES": 0}, "MAX_ENTRIES must be a whole number >= 1, got 0"),
+    ({"MAX_ENTRIES": "lots"}, "MAX_ENTRIES must be a whole number >= 1, got 'lots'"),
+    ({"MAX_ENTRIES": True}, "MAX_ENTRIES must be"),
+    ({"CULL_FREQUENCY": -1}, "CULL_FREQUENCY must be a whole number >= 0, got -1"),
+    ({"CULL_FREQUENCY": 2.5}, "CULL_FREQUENCY must be"),
+    ({"guard": "yes"}, "guard must be True or False"),
 ])
-def test_unknown_options_are_refused(django_schemas, pg_url, options, message):
+def test_unknown_options_and_bad_values_are_refused(django_schemas, pg_url, options, message):
     with pytest.raises(ImproperlyConfigured, match=message):
+        FastPgCache(pg_url, {"OPTIONS": options})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"statement_timeout": 0}, "statement_timeout must be a positive number of seconds"),
+    ({"lock_timeout": "1s"}, "lock_timeout must be a positive number of seconds"),
+])
+def test_bad_timeouts_are_refused(django_schemas, pg_url, options, message):
+    with pytest.raises(ValueError, match=message):
         FastPgCache(pg_url, {"OPTIONS": options})
 
 
@@ -559,7 +675,9 @@ def test_setup_command_creates_the_missing_table(caches, django_schemas):
     call_command("setup_fastpgcache", stdout=out)
     assert f"cache 'fresh': {django_schemas[1]}.cache ready (UNLOGGED" in out.getvalue()
     assert f"cache 'default': {django_schemas[0]}.cache ready" in out.getvalue()
-    assert "local" not in out.getvalue()  # other backends are skipped
+    assert f"cache 'cull': {django_schemas[2]}.cache ready" in out.getvalue()  # MAX_ENTRIES is no obstacle
+    assert f"cache 'zero_cull': {django_schemas[3]}.cache ready" in out.getvalue()
+    assert "local" not in out.getvalue() and "unbuildable" not in out.getvalue()  # skipped, not even built
     caches["fresh"].set("now", "works")
     assert caches["fresh"].get("now") == "works"
     check = io.StringIO()
@@ -570,6 +688,8 @@ def test_setup_command_creates_the_missing_table(caches, django_schemas):
 def test_setup_command_refuses_other_backends_and_unknown_aliases(django_schemas):
     with pytest.raises(CommandError, match="does not use fastpgcache"):
         call_command("setup_fastpgcache", "local")
+    with pytest.raises(CommandError, match="'unbuildable' does not use fastpgcache"):
+        call_command("setup_fastpgcache", "unbuildable")
     with pytest.raises(CommandError, match="no cache 'nope'"):
         call_command("setup_fastpgcache", "nope")
 
@@ -607,3 +727,134 @@ def test_max_entries_is_an_opt_in_cap(django_schemas, pg_url, engine):
     finally:
         with engine.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+def test_setup_command_names_the_alias_whose_options_are_wrong(django_schemas, pg_url):
+    from django.test import override_settings
+
+    bad = {"BACKEND": BACKEND, "LOCATION": pg_url, "OPTIONS": {"schema": django_schemas[0], "MAX_ENTRIES": "many"}}
+    local = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    with override_settings(CACHES={"default": bad, "local": local}):
+        with pytest.raises(CommandError, match="cache 'default': OPTIONS MAX_ENTRIES must be a whole number"):
+            call_command("setup_fastpgcache", stdout=io.StringIO())
+
+
+def test_setup_command_runs_the_migrations_without_the_backend_s_statement_timeout(caches, monkeypatch):
+    from fastpgcache.contrib.django_app.management.commands import setup_fastpgcache
+
+    seen, real_setup = [], setup_fastpgcache.setup_cache
+
+    def recording_setup(engine, **options):
+        with engine.connect() as connection:
+            seen.append(connection.exec_driver_sql("SHOW statement_timeout").scalar())
+        return real_setup(engine=engine, **options)
+
+    monkeypatch.setattr(setup_fastpgcache, "setup_cache", recording_setup)
+    call_command("setup_fastpgcache", "default", stdout=io.StringIO())
+    assert seen == ["0"]  # a long ALTER TABLE ... SET LOGGED is not cut off at 5 s
+    assert timeouts_of(caches["default"]) == ("5s", "1s")  # the backend itself keeps its limits
+
+
+# -- timeouts on the shared Engine ----------------------------------------------------------------
+
+def timeouts_of(backend) -> tuple[str, str]:
+    """statement_timeout and lock_timeout as the server reports them on the backend's connections."""
+    with backend.store.bind.connect() as connection:
+        return (connection.exec_driver_sql("SHOW statement_timeout").scalar(),
+                connection.exec_driver_sql("SHOW lock_timeout").scalar())
+
+
+def test_connections_get_fastpgcache_s_timeouts_unless_options_say_otherwise(django_schemas, pg_url):
+    schema = {"schema": django_schemas[0]}
+    assert timeouts_of(FastPgCache(pg_url, {"OPTIONS": schema})) == ("5s", "1s")
+    chosen = FastPgCache(pg_url, {"OPTIONS": {**schema, "statement_timeout": 2.5, "lock_timeout": 0.2}})
+    assert timeouts_of(chosen) == ("2500ms", "200ms")
+    server_s = FastPgCache(pg_url, {"OPTIONS": {**schema, "statement_timeout": None, "lock_timeout": None}})
+    assert timeouts_of(server_s) == ("0", "0")
+    assert chosen.store.bind is not server_s.store.bind  # an Engine per set of timeouts
+    in_url = make_url(pg_url).update_query_dict({"options": "-c statement_timeout=7000"})
+    from_url = FastPgCache(in_url.render_as_string(hide_password=False), {"OPTIONS": schema})
+    assert timeouts_of(from_url) == ("7s", "1s")  # a timeout the URL sets is the URL's to decide
+    connect_args = {"connect_args": {"options": "-c lock_timeout=3000 -c deadlock_timeout=2000"}}
+    from_engine_options = FastPgCache(pg_url, {"OPTIONS": {**schema, "engine_options": connect_args}})
+    assert timeouts_of(from_engine_options) == ("5s", "3s")
+
+
+def test_a_write_stuck_behind_a_row_lock_gives_up_after_lock_timeout(django_schemas, pg_url, engine):
+    from fastpgcache import CacheTimeoutError
+
+    backend = FastPgCache(pg_url, {"OPTIONS": {"schema": django_schemas[0], "lock_timeout": 0.2}})
+    backend.set("locked", 1)
+    with engine.connect() as holder, holder.begin():
+        holder.execute(text(f'SELECT 1 FROM "{django_schemas[0]}".cache WHERE key = :k FOR UPDATE'),
+                       {"k": backend.make_key("locked")})
+        started = time.monotonic()
+        with pytest.raises(CacheTimeoutError, match="lock_timeout"):
+            backend.set("locked", 2)
+        assert time.monotonic() - started < 1.0  # 0.2 s, not the 1 s default nor for ever
+    assert backend.get("locked") == 1
+
+
+# -- the negative-lookup guard --------------------------------------------------------------------
+
+WRITER = """
+import os
+from fastpgcache import FastPgCache
+cache = FastPgCache(url=os.environ["FPC_URL"], schema=os.environ["FPC_SCHEMA"], use_cuckoo_filter=False, maxconn=1)
+cache.set(os.environ["FPC_KEY"], "from another process")
+cache.close()
+"""
+
+
+def write_from_another_process(pg_url, schema: str, key: str) -> None:
+    # The URL travels in the environment, never on a command line.
+    env = {**os.environ, "FPC_URL": make_url(pg_url).render_as_string(hide_password=False), "FPC_SCHEMA": schema,
+           "FPC_KEY": key}
+    subprocess.run([sys.executable, "-c", WRITER], env=env, check=True, timeout=60)
+
+
+@pytest.fixture
+def guarded_options(django_schemas, schema):
+    """OPTIONS turning the guard on, for a table of the test's own; the shared guard is stopped afterwards."""
+    options = {"OPTIONS": {"schema": schema, "guard": True}}
+    yield options
+    from fastpgcache.contrib import _guards
+
+    for guard in list(_guards.values()):
+        if guard.where == f"{schema}.cache":
+            guard.stop()
+
+
+def test_guard_option_answers_absent_keys_without_a_round_trip(pg_url, guarded_options, record_statements):
+    backend = FastPgCache(pg_url, guarded_options)
+    others = [FastPgCache(pg_url, guarded_options)]
+    thread = threading.Thread(target=lambda: others.append(FastPgCache(pg_url, guarded_options)))
+    thread.start()
+    thread.join()
+    guard = backend.store.guard
+    assert all(other.store.guard is guard for other in others)  # one guard per process for the table and role
+    assert guard.wait_until_trusted(10)
+    backend.set("present", 1)
+    sent = record_statements(backend.store.bind)
+    assert [backend.get(f"absent{i}") for i in range(20)] == [None] * 20
+    assert not backend.has_key("absent") and backend.get_many(["absent1", "absent2"]) == {}
+    assert sent == []  # not one statement
+    assert backend.get("present") == 1 and len(sent) == 1  # a present key is read: one statement, recorded
+    assert others[0].get("present") == 1  # another instance's write is known at once
+    assert backend.store.stats()["guard_skips"] >= 22
+
+
+def test_guard_option_still_sees_another_process_s_write(pg_url, schema, guarded_options):
+    backend = FastPgCache(pg_url, guarded_options)
+    assert backend.store.guard.wait_until_trusted(10)
+    assert backend.get("elsewhere") is None
+    write_from_another_process(pg_url, schema, backend.make_key("elsewhere"))
+    deadline = time.monotonic() + 5
+    while backend.get("elsewhere") is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert backend.get("elsewhere") == "from another process"
+    assert backend.store.guard.state == "trusted"
+
+
+def test_without_the_guard_option_there_is_no_guard(cache):
+    assert cache.store.guard is None and cache.store.stats()["guard"] == "off"

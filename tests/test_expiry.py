@@ -5,7 +5,7 @@ import logging
 import time
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from fastpgcache import Cache
 from fastpgcache.expiry import ExpiryOnWrite

@@ -1,11 +1,16 @@
 """The Flask-Caching backend, and Cache(db.session) joining a Flask-SQLAlchemy request's transaction."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 flask = pytest.importorskip("flask")
 flask_caching = pytest.importorskip("flask_caching")
@@ -255,24 +260,15 @@ def test_failsafe_delete_many_honours_cache_ignore_errors(schema):
         strict.delete_many("k", "j")
 
 
-def test_clear_with_a_prefix_is_one_statement(pg_url, schema):
-    from sqlalchemy import event
-
+def test_clear_with_a_prefix_is_one_statement(pg_url, schema, record_statements):
     backend = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="p_")).cache
     other = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX="q_")).cache
     backend.set_many({f"k{i}": i for i in range(5)})
     other.set("k0", "kept")
-    statements = []
-
-    def record(connection, cursor, statement, *args):
-        statements.append(statement.split("(")[0])
-
-    event.listen(backend.store.bind, "before_cursor_execute", record)
-    try:
-        assert backend.clear() is True
-    finally:
-        event.remove(backend.store.bind, "before_cursor_execute", record)
-    assert statements == [f"SELECT {schema}.cache_clear"]  # one call of the clear function, no key listed first
+    statements = record_statements(backend.store.bind)
+    assert backend.clear() is True
+    # One call of the clear function, no key listed first.
+    assert [sql.split("(")[0] for sql in statements] == [f"SELECT {schema}.cache_clear"]
     assert backend.get_many("k0", "k4") == [None, None]
     assert other.get("k0") == "kept"
 
@@ -284,3 +280,150 @@ def test_cache_options_hold_unless_config_sets_them(pg_url, schema, engine):
     explicit = flask_caching.Cache(make_app(pg_url, schema, CACHE_OPTIONS={**options, "schema": "elsewhere"},
                                             CACHE_KEY_PREFIX="cfg_", CACHE_FASTPGCACHE_FAILSAFE=False)).cache
     assert (explicit.store.schema, explicit.key_prefix, explicit.store._failsafe.enabled) == (schema, "cfg_", False)
+
+
+# -- any key Flask-Caching makes --------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/page/" + "x" * 1100, "/page/a%00b", "/page/" + "%C3%A9" * 600 + "%00"])
+def test_a_cached_view_on_any_path_is_computed_once_in_three_requests(app, views, backend, path, caplog):
+    calls = []
+
+    @app.get("/page/<path:rest>")
+    @views.cached(timeout=60)
+    def page(rest):
+        calls.append(rest)
+        return {"length": len(rest), "calls": len(calls)}
+
+    client = app.test_client()
+    with caplog.at_level("ERROR"):
+        answers = [client.get(path) for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert [answer.get_json()["calls"] for answer in answers] == [1, 1, 1]
+    assert len(calls) == 1 and "Exception possibly due to cache backend" not in caplog.text
+    (stored,) = backend.store.keys("flask_cache_view/*")
+    assert re.fullmatch(r"flask_cache_view//page/.*~sha256:[0-9a-f]{64}", stored) and len(stored.encode()) <= 1024
+    views.clear()  # digest forms keep the prefix, so clear() finds them
+    assert backend.store.keys("flask_cache_*") == []
+
+
+def test_keys_past_the_limit_or_with_nul_round_trip_through_every_method(backend):
+    long_key, nul_key = "long:" + "é" * 700, "nul\x00key"
+    assert backend.set(long_key, 1) and backend.add(nul_key, "v")
+    assert backend.get(long_key) == 1 and backend.has(nul_key)
+    assert backend.inc(long_key, 4) == 5 and backend.dec(nul_key + "#n") == -1
+    assert backend.set_many({long_key: "a", nul_key: "b"}) == [long_key, nul_key]
+    assert backend.get_many(long_key, nul_key, "absent") == ["a", "b", None]
+    assert backend.delete(long_key) and backend.delete_many(nul_key) == [nul_key]
+    assert backend.get_many(long_key, nul_key) == [None, None]
+    backend.set("x" * 2000, "first")
+    impostor = backend._key("x" * 2000)[len("flask_cache_"):]  # spelled as the long key's stored form
+    backend.set(impostor, "second")
+    assert backend.get("x" * 2000) == "first" and backend.get(impostor) == "second"
+
+
+def test_non_string_keys_are_converted_as_cache_converts_them(backend):
+    assert backend.set(42, "int") and backend.get("42") == "int" and backend.get(42) == "int"
+    assert backend.set(b"bytes", "b") and backend.get("bytes") == "b"
+    assert backend.set(1.5, "float") and backend.get_many(1.5, "1.5") == ["float", "float"]
+    assert backend.inc(7) == 1 and backend.has("7")
+    with pytest.raises(TypeError, match="invalid key type NoneType: use str, bytes, int or float"):
+        backend.set(None, 1)
+    with pytest.raises(TypeError, match="invalid key type tuple"):
+        backend.get(("a", 1))
+
+
+# -- CACHE_KEY_PREFIX as a function, CACHE_SERIALIZER ----------------------------------------
+
+def test_a_callable_key_prefix_is_asked_for_every_key_and_by_clear(pg_url, schema):
+    tenant = {"name": "acme"}
+    backend = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX=lambda: f"{tenant['name']}:")).cache
+    backend.set("k", "for acme")
+    tenant["name"] = "globex"
+    assert backend.get("k") is None
+    backend.set_many({"k": "for globex", "j": 2})
+    assert backend.store.keys() == ["acme:k", "globex:j", "globex:k"]
+    assert backend.clear() is True  # globex's entries only
+    assert backend.store.keys() == ["acme:k"]
+    tenant["name"] = "acme"
+    assert backend.get("k") == "for acme"
+    assert "a function" in repr(backend)
+
+
+def test_a_callable_prefix_must_return_usable_text(pg_url, schema):
+    backend = flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX=lambda: None)).cache
+    with pytest.raises(TypeError, match="a key prefix must be a str, not NoneType"):
+        backend.get("k")
+
+
+@pytest.mark.parametrize("prefix, error, message", [
+    ("nul\x00", ValueError, "cannot contain NUL"),
+    ("p" * 953, ValueError, "at most 952 bytes"),
+    (["list"], TypeError, "must be a str, not list"),
+])
+def test_bad_key_prefixes_are_refused_at_init(pg_url, schema, prefix, error, message):
+    with pytest.raises(error, match=message):
+        flask_caching.Cache(make_app(pg_url, schema, CACHE_KEY_PREFIX=prefix))
+
+
+def test_cache_serializer_is_refused_because_it_would_bypass_the_signature(pg_url, schema):
+    from cachelib.serializers import BaseSerializer
+
+    with pytest.raises(ValueError, match="does not take CACHE_SERIALIZER: .* signs every pickle"):
+        flask_caching.Cache(make_app(pg_url, schema, CACHE_SERIALIZER=BaseSerializer))
+
+
+# -- timeouts and the guard -------------------------------------------------------------------
+
+def timeouts_of(backend) -> tuple[str, str]:
+    """statement_timeout and lock_timeout as the server reports them on the backend's connections."""
+    with backend.store.bind.connect() as connection:
+        return (connection.exec_driver_sql("SHOW statement_timeout").scalar(),
+                connection.exec_driver_sql("SHOW lock_timeout").scalar())
+
+
+def test_connections_get_fastpgcache_s_timeouts_unless_config_says_otherwise(pg_url, schema):
+    assert timeouts_of(flask_caching.Cache(make_app(pg_url, schema)).cache) == ("5s", "1s")
+    configured = make_app(pg_url, schema, CACHE_FASTPGCACHE_STATEMENT_TIMEOUT=3, CACHE_FASTPGCACHE_LOCK_TIMEOUT=0.5)
+    assert timeouts_of(flask_caching.Cache(configured).cache) == ("3s", "500ms")
+    server_s = make_app(pg_url, schema, CACHE_FASTPGCACHE_STATEMENT_TIMEOUT=None,
+                        CACHE_OPTIONS={"lock_timeout": 0.25, "statement_timeout": 9})
+    assert timeouts_of(flask_caching.Cache(server_s).cache) == ("0", "250ms")  # None in config: the server's
+    with pytest.raises(ValueError, match="lock_timeout must be a positive number of seconds"):
+        flask_caching.Cache(make_app(pg_url, schema, CACHE_FASTPGCACHE_LOCK_TIMEOUT=-1))
+
+
+WRITER = """
+import os
+from fastpgcache import FastPgCache
+cache = FastPgCache(url=os.environ["FPC_URL"], schema=os.environ["FPC_SCHEMA"], use_cuckoo_filter=False, maxconn=1)
+cache.set(os.environ["FPC_KEY"], "from another process")
+cache.close()
+"""
+
+
+def write_from_another_process(pg_url, schema: str, key: str) -> None:
+    # The URL travels in the environment, never on a command line.
+    env = {**os.environ, "FPC_URL": make_url(pg_url).render_as_string(hide_password=False), "FPC_SCHEMA": schema,
+           "FPC_KEY": key}
+    subprocess.run([sys.executable, "-c", WRITER], env=env, check=True, timeout=60)
+
+
+def test_guard_setting_answers_absent_keys_without_a_round_trip_and_sees_other_writers(pg_url, schema,
+                                                                                       record_statements):
+    first = flask_caching.Cache(make_app(pg_url, schema, CACHE_FASTPGCACHE_GUARD=True)).cache
+    second = flask_caching.Cache(make_app(pg_url, schema, CACHE_OPTIONS={"guard": True})).cache
+    guard = first.store.guard
+    try:
+        assert second.store.guard is guard and guard.wait_until_trusted(10)
+        sent = record_statements(first.store.bind)
+        assert [first.get(f"absent{i}") for i in range(20)] == [None] * 20 and not first.has("absent")
+        assert sent == []  # answered by the guard alone
+        assert first.set("present", 1) and first.get("present") == 1 and len(sent) >= 2  # the rest are recorded
+        write_from_another_process(pg_url, schema, "flask_cache_elsewhere")
+        deadline = time.monotonic() + 5
+        while first.get("elsewhere") is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert first.get("elsewhere") == "from another process" and guard.state == "trusted"
+    finally:
+        guard.stop()
+    assert flask_caching.Cache(make_app(pg_url, schema)).cache.store.guard is None  # off unless asked for

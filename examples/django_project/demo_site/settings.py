@@ -18,6 +18,12 @@ CACHES = {
         "LOCATION": default_url(),
         "TIMEOUT": 300,
         "KEY_PREFIX": "demo",
-        "OPTIONS": {"schema": "public", "table": "cache", "engine_options": {"pool_size": 5}},
+        "OPTIONS": {
+            "schema": "public",
+            "table": "cache",
+            "engine_options": {"pool_size": 5},
+            "MAX_ENTRIES": 10_000,  # DatabaseCache's culling settings work as they do there
+            "CULL_FREQUENCY": 3,
+        },
     }
 }

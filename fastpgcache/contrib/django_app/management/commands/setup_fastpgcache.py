@@ -1,7 +1,9 @@
 """`manage.py setup_fastpgcache`: create or upgrade the table of every fastpgcache cache in CACHES."""
 from django.conf import settings
 from django.core.cache import caches
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
+from django.utils.module_loading import import_string
 
 from fastpgcache.admin import add_setup_arguments, cache_status, setup_cache
 from fastpgcache.errors import CacheError
@@ -26,8 +28,7 @@ class Command(BaseCommand):
             store = backend.store
             try:
                 status = (cache_status(store.bind, store.schema, store.table) if check else
-                          setup_cache(engine=store.bind, schema=store.schema, table=store.table, logged=logged,
-                                      grant_to=grant_to))
+                          self._set_up(backend, logged=logged, grant_to=grant_to))
             except CacheError as error:
                 raise CommandError(f"cache {alias!r}: {error}") from None
             if not status["revision"]:
@@ -38,13 +39,34 @@ class Command(BaseCommand):
                               f"revision {status['revision']})")
 
     @staticmethod
+    def _set_up(backend: FastPgCache, **choices) -> dict:
+        # On an Engine of its own: the backend's statement_timeout would cut a long migration short.
+        engine = backend._admin_engine()
+        try:
+            return setup_cache(engine=engine, schema=backend.store.schema, table=backend.store.table, **choices)
+        finally:
+            engine.dispose()
+
+    @staticmethod
     def _backend(alias: str, explicit: bool):
-        # Named aliases must be fastpgcache caches; without names, other backends are skipped.
+        # Named aliases must be fastpgcache caches; without names, other backends are skipped unbuilt
+        # (building one may need a client library this process lacks).
         if alias not in settings.CACHES:
             raise CommandError(f"no cache {alias!r} in CACHES (have: {', '.join(settings.CACHES)})")
-        backend = caches[alias]
-        if isinstance(backend, FastPgCache):
-            return backend
-        if explicit:
-            raise CommandError(f"cache {alias!r} does not use fastpgcache.contrib.django.FastPgCache")
-        return None
+        if not _uses_fastpgcache(settings.CACHES[alias]):
+            if explicit:
+                raise CommandError(f"cache {alias!r} does not use fastpgcache.contrib.django.FastPgCache")
+            return None
+        try:
+            return caches[alias]
+        except (ImproperlyConfigured, ValueError, TypeError) as error:
+            raise CommandError(f"cache {alias!r}: {error}") from None
+
+
+def _uses_fastpgcache(params: dict) -> bool:
+    backend = params.get("BACKEND", "")
+    try:
+        found = import_string(backend)
+    except ImportError:
+        return False
+    return isinstance(found, type) and issubclass(found, FastPgCache)
