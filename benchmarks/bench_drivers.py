@@ -15,6 +15,8 @@ Contenders, every one on the same server in the same run:
   prepared; asyncpg), guard off so every call is a round trip;
 - Redis (redis-py, redis.asyncio) when --redis answers.
 
+Every contender encodes and decodes values with fastpgcache.codec, so the ratios show the rest of the work.
+
 Workloads: `get` of existing keys, `set` overwriting existing keys (a 100-byte JSON value), one call at a
 time; an async negative lookup with a warm guard; and 100 asyncio tasks sharing 10 connections (ops/s).
 Each contender runs in every round, in rotating order. Ratios are to the row named in the table.
@@ -36,11 +38,12 @@ from sqlalchemy.pool import NullPool
 
 from fastpgcache import AsyncFastPgCache, FastPgCache, setup_cache
 from fastpgcache.bench import LAYOUTS, apply_layout, create_floor_table, floor_sql
+from fastpgcache.codec import decode_json, encode_json
 from fastpgcache.embedded import default_url
 from fastpgcache.execution import compile_for
 
 VALUE = {"name": "Alice", "roles": ["admin", "dev"], "pad": "x" * 60}
-ENCODED = json.dumps(VALUE, separators=(",", ":")).encode()
+ENCODED = encode_json(VALUE)
 KEYS = [f"user:{i}" for i in range(1000)]
 TASKS, TASK_CONNECTIONS, TASK_OPS = 100, 10, 40
 
@@ -75,11 +78,11 @@ class Floor:
         statement, _ = self.sql["get"]
         self.cursor.execute(statement, {"k": key})
         row = self.cursor.fetchone()
-        return json.loads(bytes(row[0]))
+        return decode_json(str(row[0], "utf-8"))
 
     def set(self, key, value):
         statement, _ = self.sql["set"]
-        self.cursor.execute(statement, {"k": key, "val": json.dumps(value, separators=(",", ":")).encode(),
+        self.cursor.execute(statement, {"k": key, "val": encode_json(value),
                                         "flg": 2, "ttl": None})
 
 
@@ -92,11 +95,11 @@ class Replay:
     def get(self, key):
         compiled, fixed = self.sql["get"]
         self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key}), **self.options)
-        return json.loads(bytes(self.cursor.fetchone()[0]))
+        return decode_json(str(self.cursor.fetchone()[0], "utf-8"))
 
     def set(self, key, value):
         compiled, fixed = self.sql["set"]
-        data = json.dumps(value, separators=(",", ":")).encode().hex()
+        data = encode_json(value).hex()
         self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key, "val": data}), **self.options)
         self.cursor.fetchone()
 
@@ -106,10 +109,10 @@ class RedisBlocking:
         self.r, self.prefix = client, prefix
 
     def get(self, key):
-        return json.loads(self.r.get(self.prefix + key))
+        return decode_json(self.r.get(self.prefix + key).decode())
 
     def set(self, key, value):
-        self.r.set(self.prefix + key, json.dumps(value, separators=(",", ":")))
+        self.r.set(self.prefix + key, encode_json(value))
 
 
 # -- async contenders ---------------------------------------------------------------------------
@@ -123,11 +126,11 @@ class AsyncReplayPsycopg:
     async def get(self, key):
         compiled, fixed = self.sql["get"]
         await self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key}), prepare=True)
-        return json.loads(bytes((await self.cursor.fetchone())[0]))
+        return decode_json(str((await self.cursor.fetchone())[0], "utf-8"))
 
     async def set(self, key, value):
         compiled, fixed = self.sql["set"]
-        data = json.dumps(value, separators=(",", ":")).encode().hex()
+        data = encode_json(value).hex()
         await self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key, "val": data}), prepare=True)
         await self.cursor.fetchone()
 
@@ -141,11 +144,11 @@ class AsyncReplayAsyncpg:
     async def get(self, key):
         compiled, fixed = self.sql["get"]
         row = await self.connection.fetchrow(compiled.sql, *compiled.values({**fixed, "k": key}))
-        return json.loads(bytes(row[0]))
+        return decode_json(str(row[0], "utf-8"))
 
     async def set(self, key, value):
         compiled, fixed = self.sql["set"]
-        data = json.dumps(value, separators=(",", ":")).encode().hex()
+        data = encode_json(value).hex()
         await self.connection.fetchrow(compiled.sql, *compiled.values({**fixed, "k": key, "val": data}))
 
 
@@ -154,10 +157,10 @@ class RedisAsync:
         self.r, self.prefix = client, prefix
 
     async def get(self, key):
-        return json.loads(await self.r.get(self.prefix + key))
+        return decode_json((await self.r.get(self.prefix + key)).decode())
 
     async def set(self, key, value):
-        await self.r.set(self.prefix + key, json.dumps(value, separators=(",", ":")))
+        await self.r.set(self.prefix + key, encode_json(value))
 
 
 # -- timing -------------------------------------------------------------------------------------

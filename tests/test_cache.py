@@ -530,3 +530,19 @@ def test_incr_takes_only_canonical_decimal_integers_as_redis_does(cache, stored)
 def test_incr_of_canonical_integers(cache, stored, result):
     cache.set("n", stored)
     assert cache.incr("n") == result
+
+
+def test_a_list_that_contains_itself_is_refused_with_a_clear_error(cache):
+    looped = [1]
+    looped.append(looped)
+    with pytest.raises(ValueError, match="contains itself"):
+        cache.set("loop", looped)
+    assert cache.get("loop") is None
+
+
+def test_json_with_surrounding_blanks_written_by_another_client_reads_back(cache, engine, schema):
+    cache.set("k", "placeholder")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE {schema}.cache SET value = convert_to(' [1, 2] ', 'UTF8'), flags = 2 "
+                             "WHERE key = 'k'")
+    assert cache.get("k") == [1, 2]
