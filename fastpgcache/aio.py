@@ -138,29 +138,42 @@ class AsyncLeases(ConnectionLeases):
             await greenlet_spawn(lease.invalidate)
 
     async def _handed_over(self) -> Lease:
-        # Every held connection is busy: wait (at most the pool's timeout) for one given back.
-        taker = asyncio.get_running_loop().create_future()
+        # Every held connection is busy: wait (at most the pool's timeout) for one given back. A timer
+        # rather than asyncio.wait_for: wait_for costs the waiter a second trip round the event loop,
+        # and 100 tasks on 10 connections ran at 0.57 of a raw driver's rate with it.
+        loop = asyncio.get_running_loop()
+        taker = loop.create_future()
         self._takers.append(taker)
+        timer = loop.call_later(self.engine.pool.timeout(), _time_up, taker)
         try:
-            return await asyncio.wait_for(taker, self.engine.pool.timeout())
-        except asyncio.TimeoutError:
-            raise sa_exc.TimeoutError("no connection was given back in time") from None
+            return await taker
+        except asyncio.CancelledError:
+            if taker.done() and not taker.cancelled() and taker.exception() is None:
+                await self.give_back(taker.result())  # handed a connection just as the caller gave up
+            raise
         finally:
+            timer.cancel()
             if taker in self._takers:
                 self._takers.remove(taker)
 
+    def _pass_on(self, lease: Lease) -> bool:
+        # To the first caller still waiting, else onto the idle stack; False: it must go back to the pool.
+        if self._waiting or self._closed or not lease.is_valid:
+            return False
+        while self._takers:
+            taker = self._takers.popleft()
+            if not taker.done():
+                taker.set_result(lease)
+                return True
+        if len(self._idle) < self.keep:
+            self._idle.append(lease)
+            return True
+        return False
+
     async def give_back(self, lease: Lease) -> None:
-        if not (self._waiting or self._closed) and lease.is_valid:
-            while self._takers:
-                taker = self._takers.popleft()
-                if not taker.done():
-                    taker.set_result(lease)
-                    return
-            if len(self._idle) < self.keep:
-                self._idle.append(lease)
-                return
-        self._held -= 1
-        await greenlet_spawn(self.release, lease)  # closed or invalidated, in the pool's own ways
+        if not self._pass_on(lease):
+            self._held -= 1
+            await greenlet_spawn(self.release, lease)  # closed or invalidated, in the pool's own ways
 
     async def lose(self, lease: Lease, error: BaseException) -> None:
         self._held -= 1
@@ -170,6 +183,12 @@ class AsyncLeases(ConnectionLeases):
         before = len(self._idle)
         super().drain(count)
         self._held -= before - len(self._idle)
+
+
+def _time_up(taker: asyncio.Future) -> None:
+    # The pool's timeout passed with every connection still busy.
+    if not taker.done():
+        taker.set_exception(sa_exc.TimeoutError("no connection was given back in time"))
 
 
 class AsyncLeasingQueuePool(AsyncAdaptedQueuePool, LeasingQueuePool):

@@ -410,6 +410,25 @@ async def test_the_async_client_waits_pool_timeout_then_fails_naming_maxconn(pg_
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_callers_cancelled_while_waiting_for_a_connection_lose_none(pg_url, schema, driver):
+    # A waiter cancelled just as a connection is handed to it must pass that connection on: lost ones
+    # would leave the next callers waiting out pool_timeout.
+    async with AsyncFastPgCache(url=async_url(pg_url, driver), schema=schema, maxconn=2, pool_timeout=2,
+                                use_cuckoo_filter=False) as cache:
+        for round_ in range(20):
+            tasks = [asyncio.ensure_future(cache.set(f"c{round_}:{i}", i)) for i in range(12)]
+            await asyncio.sleep(0.001 * (round_ % 5))
+            for task in tasks[1::2]:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.gather(*(cache.set(f"after:{i}", i) for i in range(8))) == [True] * 8
+        assert asyncio.get_running_loop().time() - started < 1.5  # no caller waited out the 2 s pool timeout
+        assert await cache.get("after:7") == 7
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
 async def test_a_hundred_tasks_share_ten_connections(pg_url, engine, schema, driver):
     name = f"async_{uuid.uuid4().hex[:10]}"
     async with AsyncFastPgCache(url=_async_client_url(pg_url, driver, name), schema=schema, maxconn=10,
