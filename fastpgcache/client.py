@@ -7,6 +7,7 @@ import re
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.log import InstanceLogger
 
 from .cache import Cache
 from .errors import CacheConnectionError, check_positive_int, check_positive_seconds, connection_hint
@@ -74,6 +75,8 @@ def _secrets_apart(url: URL) -> tuple[URL, dict]:
     # URL for the driver's connect arguments, so neither repr(engine) nor engine.url shows it.
     query = dict(url.query)
     password = query.pop("password", None)
+    if isinstance(password, tuple):  # given more than once: libpq takes the last
+        password = password[-1]
     secret = {name: query.pop(name) for name in SECRET_PARAMETERS[1:] if name in query}
     if password is not None and url.password is None:
         url = url.set(password=password)
@@ -121,7 +124,9 @@ def cache_engine(url: str | URL, **options) -> Engine:
     if secret:
         options = {**options, "connect_args": {**secret, **options.get("connect_args", {})}}
     engine = create_engine(url, **{**defaults, **options})
-    pool_logger = getattr(engine.pool.logger, "logger", engine.pool.logger)
+    pool_logger = engine.pool.logger
+    if isinstance(pool_logger, InstanceLogger):  # echo_pool: a wrapper around the logger
+        pool_logger = pool_logger.logger
     if _REDACT not in pool_logger.filters:
         pool_logger.addFilter(_REDACT)
     discard_dead_connections(engine)
@@ -225,7 +230,7 @@ class FastPgCache(Cache):
             self.guard.stop()
         if self.token_provider is not None:
             self.token_provider.stop()
-        if self._owns_engine:
+        if self._owns_engine and self._leases is not None:
             self._leases.close()
             self.bind.dispose()
 

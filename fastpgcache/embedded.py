@@ -113,7 +113,7 @@ class EmbeddedPostgres:
         self.port = port
         self.user = user
         self._password = password
-        self._account = None
+        self._account: tuple[int, int] | None = None
         self._started_here = False
 
     def __repr__(self) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar, cast, overload
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
@@ -23,8 +24,41 @@ from sqlalchemy.orm import Session, scoped_session
 from .errors import pool_timeout_error, raise_translated
 from .failsafe import DATABASE_ERRORS
 
+if TYPE_CHECKING:
+    from .aio import AsyncCache
+    from .failsafe import Failsafe
+    from .leases import ConnectionLeases
 
-def operation(steps=None, *, fallback: Callable[..., Any] | None = None):
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+Step = tuple  # (statement, params, consume): one statement to run and how to read its cursor
+Steps = Generator[Step, Any, R]  # what an operation is written as: its steps, then its answer
+
+
+class Operation(Protocol[P, R_co]):
+    """How type checkers see an operation: a blocking method on `Cache`, an awaited one on `AsyncCache`."""
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> Operation[P, R_co]: ...
+    @overload
+    def __get__(self, instance: AsyncCache, owner: type) -> Callable[P, Awaitable[R_co]]: ...
+    @overload
+    def __get__(self, instance: object, owner: type) -> Callable[P, R_co]: ...
+
+    steps: Callable[..., Steps[Any]]
+    fallback: Callable[..., Any] | None
+
+
+@overload
+def operation(steps: Callable[Concatenate[Any, P], Steps[R]], *,
+              fallback: Callable[..., Any] | None = None) -> Operation[P, R]: ...
+@overload
+def operation(steps: None = None, *, fallback: Callable[..., Any] | None = None
+              ) -> Callable[[Callable[Concatenate[Any, P], Steps[R]]], Operation[P, R]]: ...
+
+
+def operation(steps=None, *, fallback=None):
     """Make a generator of (statement, params, consume) steps into a blocking method.
 
     The generator receives each step's consumed result (or has the step's
@@ -49,9 +83,14 @@ def operation(steps=None, *, fallback: Callable[..., Any] | None = None):
             self._failsafe.succeeded()
         return result
 
-    run.steps = steps
-    run.fallback = fallback
-    return run
+    return _with_parts(run, steps, fallback)
+
+
+def _with_parts(run: Callable[..., Any], steps: Callable[..., Any], fallback) -> Operation[Any, Any]:
+    # The parts failsafe mode and AsyncCache read back from a method: its steps and its fallback.
+    method = cast(Operation[Any, Any], run)
+    method.steps, method.fallback = steps, fallback
+    return method
 
 
 def answer(value):
@@ -98,6 +137,13 @@ def watched(engine: Engine) -> bool:
 class Executor:
     """Runs steps on a bind: the driver cursor of the caller's connection, or of a leased pooled one."""
 
+    bind: Any  # an Engine, Connection, Session or scoped_session (their async kinds on AsyncCache)
+    user_id: str | None
+    _failsafe: Failsafe
+    _compiled: dict
+    _leases: ConnectionLeases | None
+    _where: str
+
     # scoped_session: Flask-SQLAlchemy's db.session, so cache writes join the request's transaction.
     _bind_types: tuple = (Session, scoped_session, Connection, Engine)
     _engine_type: type = Engine
@@ -120,9 +166,6 @@ class Executor:
         if operation.fallback is None or not self._failsafe.absorb(error, operation.steps.__name__):
             raise error
         return operation.fallback(self, *args, **kwargs)
-
-    def _params(self, params: dict) -> dict:
-        return {"user_id": self.user_id, **params} if self.user_id else params
 
     def _compiled_for(self, statement, dialect) -> Compiled:
         # Compiled once per (statement, dialect) for this cache.
@@ -233,7 +276,7 @@ class Executor:
 
 def _is_read(statement) -> bool:
     # Reads may be retried on a fresh connection; a write function call may have committed.
-    return getattr(statement, "is_select", False) and not getattr(statement, "is_write_call", False)
+    return getattr(statement, "is_select", False) and not statement.get_execution_options().get("fastpgcache_write")
 
 
 # -- consuming a cursor (a driver cursor, SQLAlchemy's result, or AsyncCache's buffered rows) --------

@@ -112,7 +112,7 @@ class ExpiryOnWrite:
         return batch
 
     def _take_trim(self) -> int:
-        if not self.max_entries or self._since_trim < self.trim_every:
+        if self.trim_every is None or self._since_trim < self.trim_every:
             return 0
         batch, self._since_trim = min(2 * self._since_trim, MAX_BATCH), 0
         return batch

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import select
 import threading
 import weakref
 
@@ -29,10 +30,8 @@ from sqlalchemy.pool import QueuePool
 
 from .failsafe import socket_closed
 
-try:  # poll() where there is one: select() cannot watch descriptors above 1023
-    from select import POLLIN, poll
-except ImportError:  # pragma: no cover - Windows
-    poll = None
+# poll() where there is one (not on Windows): select() cannot watch descriptors above 1023.
+HAS_POLL = hasattr(select, "poll")
 
 _registry: "weakref.WeakKeyDictionary[Engine, ConnectionLeases]" = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
@@ -98,15 +97,15 @@ class Lease:
         is_closed = getattr(self.driver, "is_closed", None)
         if is_closed is not None:  # asyncpg: its protocol reads the socket and sees the server hang up
             return is_closed()
-        if poll is None:
+        if not HAS_POLL:
             return socket_closed(self.driver)
         if self._poller is None:
             try:
                 fd = self.driver.fileno()  # the driver's own connection: SQLAlchemy's async adapter has no fileno
             except Exception:  # fileno() of a closed connection raises
                 return True
-            self._poller = poll()
-            self._poller.register(fd, POLLIN)
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
         return bool(self._poller.poll(0))
 
     @property

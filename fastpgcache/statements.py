@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import MetaData, and_, any_, bindparam, case, cast, literal, literal_column, or_, select
+from sqlalchemy import MetaData, Select, and_, any_, bindparam, case, cast, literal, literal_column, or_, select
 from sqlalchemy.sql.functions import Function
 from sqlalchemy.types import UserDefinedType
 
@@ -108,7 +108,7 @@ class Statements:
         self.get = select(t.c.value, t.c.flags).where(mine, key, live)
         self.get_many = select(t.c.key, t.c.value, t.c.flags).where(
             mine, eq(t.c.key, any_(array_param("ks", TEXT_ARRAY))), live)
-        self.exists = select(literal_column("1")).where(mine, key, live)
+        self.exists: Select[Any] = select(literal_column("1")).where(mine, key, live)
         self.ttl = select(case(
             (t.c.expires_at.is_(None), literal_column("-1")),
             else_=cast(pg("ceil", pg("date_part", literal_column("'epoch'"), minus(t.c.expires_at, now))), INT8),
@@ -117,7 +117,7 @@ class Statements:
         self.keys = select(t.c.key).where(mine, live, regex).order_by(t.c.key)
         self.scan = (select(t.c.key).where(mine, live, regex, gt(t.c.key, param("after", TEXT)))
                      .order_by(t.c.key).limit(bindparam("batch")))
-        everything = Function("count", literal_column("*"), packagenames=("pg_catalog",))
+        everything: Function[int] = Function("count", literal_column("*"), packagenames=("pg_catalog",))
         self.count = select(everything.filter(live), everything.filter(and_(t.c.expires_at.is_not(None),
                                                                              le(t.c.expires_at, now)))).where(mine)
         # The negative-lookup guard's warm-up (guard.py): every row present, expired ones
@@ -134,9 +134,9 @@ class Statements:
         def call(verb: str, *arguments, identified: bool = True):
             # A write function; its first arguments are the caller's identity (user_id, secret).
             caller = (param("me", TEXT), byte_param("secret")) if identified else ()
-            statement = select(Function(routine_name(table_name, verb), *caller, *arguments, packagenames=(schema,)))
-            statement.is_write_call = True  # never retried on another connection: it may have committed
-            return statement
+            # Marked as a write: never retried on another connection, since it may have committed.
+            return select(Function(routine_name(table_name, verb), *caller, *arguments, packagenames=(schema,))
+                          ).execution_options(fastpgcache_write=True)
 
         value, ttl = byte_param("val"), param("ttl", FLOAT8)
         cull = (param("cull_max", INT8, value=None), param("cull_frequency", INT4, value=None))  # Django's culling

@@ -57,7 +57,7 @@ class Workload:
 
     name: str
     items: int
-    prepare: Callable[[Contender], Callable[[int], Any]]
+    prepare: Callable[[Contender], Callable[[int], Any] | None]  # None: the workload runs its own loop
     threaded: bool = False
 
 
@@ -248,7 +248,7 @@ class _Scratch:
         }
         if FLOOR in exclude:
             raise ValueError(f"the {FLOOR} floor cannot be excluded: every ratio is to it")
-        contenders = []
+        contenders: list[Contender] = []
         for name, build in factories.items():
             contender = None if name in exclude else build()
             if contender is not None:

@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from sqlalchemy.engine import URL, Engine
 
@@ -17,6 +17,9 @@ from ..cache import Cache
 from ..client import _timeout_options, build_url, cache_engine
 from ..errors import CacheLimitError, check_positive_seconds
 from ..keys import MAX_KEY_BYTES
+
+if TYPE_CHECKING:
+    from ..guard import NegativeLookupGuard
 
 log = logging.getLogger("fastpgcache")
 
@@ -80,7 +83,7 @@ def _new_engine(target: URL, engine_options: dict, statement_timeout: float | No
 
 # -- the negative-lookup guard --------------------------------------------------------------
 
-_guards: dict[tuple, object] = {}
+_guards: dict[tuple, NegativeLookupGuard] = {}
 _guards_lock = threading.Lock()
 
 
