@@ -6,6 +6,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -249,3 +250,23 @@ def citus():
         pytest.skip("Citus is not built into this virtualenv's embedded PostgreSQL: run ../shared/tools/citus.sh build")
     with CitusCluster() as cluster:
         yield cluster
+
+
+ANOTHER_PROCESS_WRITER = """
+import os
+from fastpgcache import FastPgCache
+cache = FastPgCache(url=os.environ["FPC_URL"], schema=os.environ["FPC_SCHEMA"], use_cuckoo_filter=False, maxconn=1)
+cache.set(os.environ["FPC_KEY"], "from another process")
+cache.close()
+"""
+
+
+@pytest.fixture
+def write_from_another_process(pg_url):
+    """write(schema, key): "from another process" stored at `key` by a separate Python process."""
+    def write(schema: str, key: str) -> None:
+        # The URL travels in the environment, never on a command line.
+        env = {**os.environ, "FPC_URL": make_url(pg_url).render_as_string(hide_password=False),
+               "FPC_SCHEMA": schema, "FPC_KEY": key}
+        subprocess.run([sys.executable, "-c", ANOTHER_PROCESS_WRITER], env=env, check=True, timeout=60)
+    return write

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import pickle
 import re
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -797,22 +794,6 @@ def test_a_write_stuck_behind_a_row_lock_gives_up_after_lock_timeout(django_sche
 
 # -- the negative-lookup guard --------------------------------------------------------------------
 
-WRITER = """
-import os
-from fastpgcache import FastPgCache
-cache = FastPgCache(url=os.environ["FPC_URL"], schema=os.environ["FPC_SCHEMA"], use_cuckoo_filter=False, maxconn=1)
-cache.set(os.environ["FPC_KEY"], "from another process")
-cache.close()
-"""
-
-
-def write_from_another_process(pg_url, schema: str, key: str) -> None:
-    # The URL travels in the environment, never on a command line.
-    env = {**os.environ, "FPC_URL": make_url(pg_url).render_as_string(hide_password=False), "FPC_SCHEMA": schema,
-           "FPC_KEY": key}
-    subprocess.run([sys.executable, "-c", WRITER], env=env, check=True, timeout=60)
-
-
 @pytest.fixture
 def guarded_options(django_schemas, schema):
     """OPTIONS turning the guard on, for a table of the test's own; the shared guard is stopped afterwards."""
@@ -844,11 +825,11 @@ def test_guard_option_answers_absent_keys_without_a_round_trip(pg_url, guarded_o
     assert backend.store.stats()["guard_skips"] >= 22
 
 
-def test_guard_option_still_sees_another_process_s_write(pg_url, schema, guarded_options):
+def test_guard_option_still_sees_another_process_s_write(pg_url, schema, guarded_options, write_from_another_process):
     backend = FastPgCache(pg_url, guarded_options)
     assert backend.store.guard.wait_until_trusted(10)
     assert backend.get("elsewhere") is None
-    write_from_another_process(pg_url, schema, backend.make_key("elsewhere"))
+    write_from_another_process(schema, backend.make_key("elsewhere"))
     deadline = time.monotonic() + 5
     while backend.get("elsewhere") is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -1,16 +1,12 @@
 """The Flask-Caching backend, and Cache(db.session) joining a Flask-SQLAlchemy request's transaction."""
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 flask = pytest.importorskip("flask")
 flask_caching = pytest.importorskip("flask_caching")
@@ -392,24 +388,9 @@ def test_connections_get_fastpgcache_s_timeouts_unless_config_says_otherwise(pg_
         flask_caching.Cache(make_app(pg_url, schema, CACHE_FASTPGCACHE_LOCK_TIMEOUT=-1))
 
 
-WRITER = """
-import os
-from fastpgcache import FastPgCache
-cache = FastPgCache(url=os.environ["FPC_URL"], schema=os.environ["FPC_SCHEMA"], use_cuckoo_filter=False, maxconn=1)
-cache.set(os.environ["FPC_KEY"], "from another process")
-cache.close()
-"""
-
-
-def write_from_another_process(pg_url, schema: str, key: str) -> None:
-    # The URL travels in the environment, never on a command line.
-    env = {**os.environ, "FPC_URL": make_url(pg_url).render_as_string(hide_password=False), "FPC_SCHEMA": schema,
-           "FPC_KEY": key}
-    subprocess.run([sys.executable, "-c", WRITER], env=env, check=True, timeout=60)
-
-
 def test_guard_setting_answers_absent_keys_without_a_round_trip_and_sees_other_writers(pg_url, schema,
-                                                                                       record_statements):
+                                                                                       record_statements,
+                                                                                       write_from_another_process):
     first = flask_caching.Cache(make_app(pg_url, schema, CACHE_FASTPGCACHE_GUARD=True)).cache
     second = flask_caching.Cache(make_app(pg_url, schema, CACHE_OPTIONS={"guard": True})).cache
     guard = first.store.guard
@@ -419,7 +400,7 @@ def test_guard_setting_answers_absent_keys_without_a_round_trip_and_sees_other_w
         assert [first.get(f"absent{i}") for i in range(20)] == [None] * 20 and not first.has("absent")
         assert sent == []  # answered by the guard alone
         assert first.set("present", 1) and first.get("present") == 1 and len(sent) >= 2  # the rest are recorded
-        write_from_another_process(pg_url, schema, "flask_cache_elsewhere")
+        write_from_another_process(schema, "flask_cache_elsewhere")
         deadline = time.monotonic() + 5
         while first.get("elsewhere") is None and time.monotonic() < deadline:
             time.sleep(0.005)
