@@ -21,18 +21,33 @@ LINK_ON_SITE = "](benchmarks/"
 
 
 class _LiteralMarkers(Preprocessor):
-    """`text::` becomes `text:`, and a line holding only `::` goes; fenced code is left alone."""
+    """`text::` becomes `text:`, and a line holding only `::` goes; fenced code is left alone.
+
+    The block after `::` is code. When a docstring's only indented lines are that
+    block, cleaning the docstring leaves it unindented; it is indented again here,
+    up to the next blank line, so Markdown still reads it as code.
+    """
 
     def run(self, lines: list[str]) -> list[str]:
-        out, fenced = [], False
+        # literal: None; "next" after `::` until the block's first line; "indent" inside an unindented block.
+        out, fenced, literal = [], False, None
         for line in lines:
+            if literal == "next" and line.strip():
+                literal = None if line.startswith((" ", "\t")) else "indent"  # indented: already code
+            if literal == "indent":
+                if line.strip():
+                    out.append("    " + line)
+                    continue
+                literal = None
             if line.lstrip().startswith(("```", "~~~")):
                 fenced = not fenced
             elif not fenced and not line.startswith((" ", "\t")):
                 if line.strip() == "::":
+                    literal = "next"
                     continue
                 if line.endswith("::") and not line.endswith(":::"):
                     line = line[:-1]
+                    literal = "next"
             out.append(line)
         return out
 
