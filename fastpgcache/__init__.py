@@ -15,6 +15,9 @@ from .errors import (CacheConnectionError, CacheError, CacheLimitError, CacheNot
 from .keys import escape_glob
 from .model import CacheEntry
 
+# The package's version, defined here only: pyproject.toml reads it ([tool.setuptools.dynamic]).
+__version__ = "0.1.0"
+
 __all__ = [
     "AsyncCache",
     "AsyncFastPgCache",
