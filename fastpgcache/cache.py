@@ -66,7 +66,7 @@ class Cache(Executor):
     """
 
     def __init__(self, bind, *, schema: str | None = None, table: str | None = None,
-                 user_id: str | None = None, pickle=None, guard=None, failsafe: bool = False,
+                 user_id: str | None = None, pickle: codec.SigningKeys = None, guard=None, failsafe: bool = False,
                  on_error: Callable[[BaseException, str], Any] | None = None,
                  expire_every: int | None = 50, max_entries: int | None = None,
                  cull_max_entries: int | None = None, cull_frequency: int = 3):

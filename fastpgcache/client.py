@@ -10,6 +10,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.log import InstanceLogger
 
 from .cache import Cache
+from .codec import SigningKeys
 from .errors import CacheConnectionError, check_positive_int, check_positive_seconds, connection_hint
 from .failsafe import discard_dead_connections
 from .guard import NegativeLookupGuard
@@ -175,7 +176,7 @@ class FastPgCache(Cache):
                  minconn: int = 1, maxconn: int = 10, use_cuckoo_filter: bool = True,
                  cuckoo_capacity: int = 1_000_000, instance_name: str | None = None, profile: str | None = None,
                  *, url: str | URL | None = None, engine: Engine | None = None, table: str | None = None,
-                 user_id: str | None = None, pickle: bool = False, pool_timeout: float = 30.0,
+                 user_id: str | None = None, pickle: SigningKeys = None, pool_timeout: float = 30.0,
                  prepare_threshold: int | None = PREPARE_THRESHOLD, statement_timeout: float | None = 5.0,
                  lock_timeout: float | None = 1.0, failsafe: bool = False, on_error=None,
                  expire_every: int | None = 50, max_entries: int | None = None):

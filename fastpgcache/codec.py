@@ -17,9 +17,12 @@ import logging
 import pickle
 import threading
 import time
+from collections.abc import Sequence
 from typing import NoReturn
 
 log = logging.getLogger("fastpgcache")
+
+SigningKeys = str | bytes | Sequence[str | bytes] | None  # the newest first; None: no pickles
 
 RAW = 0  # bytes as given
 TEXT = 1  # str, UTF-8
@@ -154,7 +157,7 @@ class Codec:
         codec.deserialize(flags, data, key="k")   # {1, 2}
     """
 
-    def __init__(self, keys=None):
+    def __init__(self, keys: SigningKeys = None):
         if keys is True:
             raise ValueError("pickle=True needs a signing key now: pass pickle=SECRET (str or bytes, at least "
                              f"{MIN_KEY_BYTES} bytes, e.g. your application's SECRET_KEY), so that nobody who can "

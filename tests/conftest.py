@@ -33,10 +33,13 @@ def pg_url():
     server.stop()
 
 
-def _with_test_driver(url):
-    """FASTPGCACHE_TEST_DRIVER=psycopg reruns tests on psycopg 3; unset keeps the URL's driver (psycopg2)."""
-    driver = os.environ.get("FASTPGCACHE_TEST_DRIVER")
-    return make_url(url).set(drivername=f"postgresql+{driver}") if driver else url
+def _with_test_driver(url) -> str:
+    """FASTPGCACHE_TEST_DRIVER=psycopg reruns tests on psycopg 3; unset, the URL's own driver, and for a
+    bare postgresql:// the library's default, psycopg2 (SQLAlchemy 2.1 would pick psycopg 3)."""
+    parsed = make_url(url)
+    own = parsed.get_driver_name() if "+" in parsed.drivername else "psycopg2"
+    driver = os.environ.get("FASTPGCACHE_TEST_DRIVER") or own
+    return parsed.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +97,17 @@ def nested_plans(engine):
                             "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = notice"):
                 connection.exec_driver_sql(setting)
             raw = connection.connection.dbapi_connection  # its own cursor: SQLAlchemy would take the notices
-            del raw.notices[:]
+            notices = raw.notices if hasattr(raw, "notices") else []  # psycopg2 collects them; psycopg 3 calls back
+            del notices[:]
+            def heard(diagnostic):
+                notices.append(diagnostic.message_primary)
+            if hasattr(raw, "add_notice_handler"):
+                raw.add_notice_handler(heard)
             with raw.cursor() as cursor:
                 cursor.execute(compiled.string, values)
-            found = "\n".join(raw.notices)
+            if hasattr(raw, "remove_notice_handler"):
+                raw.remove_notice_handler(heard)
+            found = "\n".join(notices)
             connection.rollback()
             return found
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from ..cache import Cache
@@ -63,7 +63,9 @@ def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
             seen.append((query, dict(vars or {})))
             return super().execute(query, vars)
 
-    engine = create_engine(url, connect_args={"cursor_factory": RecordingCursor}, poolclass=NullPool)
+    # psycopg2 whatever the URL names: the replaying contender is psycopg2, so it replays psycopg2's SQL.
+    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg2"),
+                           connect_args={"cursor_factory": RecordingCursor}, poolclass=NullPool)
     cache = Cache(engine, schema=schema, table=table, expire_every=None)
     calls = {"set": ("_set(", lambda: cache.set("bench:capture", 1)),
              "get": ("SELECT", lambda: cache.get("bench:capture")),
