@@ -27,9 +27,8 @@ from sqlalchemy.engine import make_url
 
 from fastpgcache import CuckooFilter, FastPgCache, setup_cache
 from fastpgcache.bench import LAYOUTS, apply_layout
-from fastpgcache.execution import compile_for
 from fastpgcache.embedded import default_url
-
+from fastpgcache.execution import compile_for
 
 REDIS_URL = "redis://127.0.0.1:6379"
 

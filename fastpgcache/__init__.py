@@ -10,8 +10,14 @@ from .admin import setup_cache
 from .cache import MAX_KEY_BYTES, Cache
 from .client import FastPgCache
 from .cuckoo import CuckooFilter
-from .errors import (CacheConnectionError, CacheError, CacheLimitError, CacheNotSetUpError, CachePermissionError,
-                     CacheTimeoutError)
+from .errors import (
+    CacheConnectionError,
+    CacheError,
+    CacheLimitError,
+    CacheNotSetUpError,
+    CachePermissionError,
+    CacheTimeoutError,
+)
 from .keys import escape_glob
 from .model import CacheEntry
 

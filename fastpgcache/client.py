@@ -195,7 +195,7 @@ class FastPgCache(Cache):
                                   connect_args={**_connect_args(target, prepare_threshold),
                                                 **_timeout_options(target, statement_timeout, lock_timeout)})
         if instance_name:
-            from .databricks import provider_for_instance, attach
+            from .databricks import attach, provider_for_instance
 
             self.token_provider = provider_for_instance(instance_name, profile)
             attach(engine, self.token_provider)
@@ -235,7 +235,7 @@ class FastPgCache(Cache):
             self._leases.close()
             self.bind.dispose()
 
-    def __enter__(self) -> "FastPgCache":
+    def __enter__(self) -> FastPgCache:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -202,7 +202,7 @@ class CuckooFilter:
         return header + slots.tobytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CuckooFilter":
+    def from_bytes(cls, data: bytes) -> CuckooFilter:
         """A filter saved by `to_bytes`::
 
             restored = CuckooFilter.from_bytes(f.to_bytes())

@@ -21,9 +21,9 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Iterable
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -160,7 +160,7 @@ class DatabricksTokenProvider:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
-    def __enter__(self) -> "DatabricksTokenProvider":
+    def __enter__(self) -> DatabricksTokenProvider:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -168,7 +168,7 @@ class EmbeddedPostgres:
             return True
         return True
 
-    def start(self) -> "EmbeddedPostgres":
+    def start(self) -> EmbeddedPostgres:
         """Initialise the data dir if needed and start the server; returns self."""
         bin_dir = _bin_dir()
         self._account = _service_account()
@@ -194,7 +194,8 @@ class EmbeddedPostgres:
         result = self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "server.log"),
                            "-o", options, "-w", "-t", str(PG_CTL_WAIT), "start", check=False)
         if result.returncode != 0:
-            log_tail = (self.data_dir / "server.log").read_text()[-1500:] if (self.data_dir / "server.log").exists() else ""
+            log = self.data_dir / "server.log"
+            log_tail = log.read_text()[-1500:] if log.exists() else ""
             raise RuntimeError(f"embedded PostgreSQL did not start: {result.stderr.strip()}\n{log_tail}")
         self._started_here = True
         atexit.unregister(self._stop_if_ours)  # once, however often restarted
@@ -254,7 +255,7 @@ class EmbeddedPostgres:
                 time.sleep(0.05)
         raise TimeoutError(f"embedded PostgreSQL on port {self.port} not ready after {timeout} s")
 
-    def __enter__(self) -> "EmbeddedPostgres":
+    def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -12,7 +12,7 @@ import logging
 import select
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc

@@ -33,10 +33,10 @@ from .failsafe import socket_closed
 # poll() where there is one (not on Windows): select() cannot watch descriptors above 1023.
 HAS_POLL = hasattr(select, "poll")
 
-_registry: "weakref.WeakKeyDictionary[Engine, ConnectionLeases]" = weakref.WeakKeyDictionary()
+_registry: weakref.WeakKeyDictionary[Engine, ConnectionLeases] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
 # The leases holding idle connections of each pool, for LeasingQueuePool to take them back.
-_by_pool: "weakref.WeakKeyDictionary[QueuePool, ConnectionLeases]" = weakref.WeakKeyDictionary()
+_by_pool: weakref.WeakKeyDictionary[QueuePool, ConnectionLeases] = weakref.WeakKeyDictionary()
 
 
 class LeasingQueuePool(QueuePool):
@@ -58,7 +58,7 @@ class LeasingQueuePool(QueuePool):
             return super()._do_get()
 
 
-def leases_for(engine: Engine, keep: int | None = None, kind: type | None = None) -> "ConnectionLeases":
+def leases_for(engine: Engine, keep: int | None = None, kind: type | None = None) -> ConnectionLeases:
     """The one `ConnectionLeases` (or `kind`, a subclass) of `engine`; `keep` > 0 (for Engines the library
     owns) holds idle ones.
 

@@ -45,8 +45,8 @@ def pg(name: str, *args) -> Function:
 def _op(symbol: str):
     # A binary operator taken from pg_catalog, whatever operators the search path holds.
     def apply(left, right):
-        return left.op(f"OPERATOR(pg_catalog.{symbol})", is_comparison=symbol in ("=", "<>", "<", ">", "<=", ">=", "~"))(
-            right)
+        comparison = symbol in ("=", "<>", "<", ">", "<=", ">=", "~")
+        return left.op(f"OPERATOR(pg_catalog.{symbol})", is_comparison=comparison)(right)
     return apply
 
 

@@ -57,7 +57,7 @@ class CitusCluster:
     def worker_urls(self) -> list[str]:
         return [worker.url for worker in self.workers]
 
-    def start(self) -> "CitusCluster":
+    def start(self) -> CitusCluster:
         """Start every node (in parallel), create the extension and register the workers; returns self."""
         def start_node(node: EmbeddedPostgres) -> None:
             node.start()
@@ -96,7 +96,7 @@ class CitusCluster:
         if errors:
             raise errors[0]
 
-    def __enter__(self) -> "CitusCluster":
+    def __enter__(self) -> CitusCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

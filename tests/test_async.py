@@ -14,10 +14,19 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from fastpgcache import (AsyncFastPgCache, Cache, CacheLimitError, CacheNotSetUpError, CachePermissionError,
-                         CacheTimeoutError, FastPgCache, setup_cache)
+from fastpgcache import (
+    AsyncFastPgCache,
+    Cache,
+    CacheLimitError,
+    CacheNotSetUpError,
+    CachePermissionError,
+    CacheTimeoutError,
+    FastPgCache,
+    setup_cache,
+)
 from fastpgcache.aio import AsyncCache
 from fastpgcache.client import PREPARE_THRESHOLD
+
 
 def async_url(url, driver="psycopg"):
     return make_url(url).set(drivername=f"postgresql+{driver}")

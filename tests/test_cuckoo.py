@@ -127,8 +127,8 @@ def test_loading_garbage_says_what_was_expected():
 
 def saved_with(**fields) -> bytes:
     """A saved 16-slot filter whose header has `fields` changed."""
-    header = dict(zip(("magic", "version", "bucket_size", "bits", "kicks", "buckets", "size"),
-                      _HEADER.unpack_from(CuckooFilter(16).to_bytes())))
+    names = ("magic", "version", "bucket_size", "bits", "kicks", "buckets", "size")
+    header = dict(zip(names, _HEADER.unpack_from(CuckooFilter(16).to_bytes()), strict=True))
     header.update(fields)
     slots = header["buckets"] * header["bucket_size"] * (4 if header["bits"] > 16 else 2)
     return _HEADER.pack(*header.values()) + bytes(max(slots, 0))

@@ -202,7 +202,7 @@ def test_more_threads_than_connections_all_finish(pg_url, schema, in_threads):
         def work(i):
             for j in range(10):
                 cache.set(f"{i}:{j}", j)
-                cache.get_or_set(f"shared:{j}", lambda: j)
+                cache.get_or_set(f"shared:{j}", lambda j=j: j)
                 cache.incr("total")
 
         assert in_threads(work, 12, timeout=60) == []

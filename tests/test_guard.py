@@ -160,7 +160,8 @@ def test_without_pybloomfiltermmap3_the_guard_turns_off(engine, schema, writer, 
 def listening(engine, pid: int) -> bool:
     """Whether the guard's listener backend is still there."""
     with engine.connect() as connection:
-        return connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar() == 1
+        alive = connection.execute(text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid})
+        return alive.scalar() == 1
 
 
 def test_a_dropped_listener_stops_answering_until_it_has_re_warmed(engine, guarded, writer):

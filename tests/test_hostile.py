@@ -13,8 +13,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
-from fastpgcache import (Cache, CacheError, CacheLimitError, CachePermissionError, FastPgCache, escape_glob,
-                         setup_cache)
+from fastpgcache import Cache, CacheError, CacheLimitError, CachePermissionError, FastPgCache, escape_glob, setup_cache
 from fastpgcache.admin import cache_status, describe, main
 
 LOCK_MODES = ["ACCESS SHARE", "ROW SHARE", "ROW EXCLUSIVE", "SHARE UPDATE EXCLUSIVE", "SHARE",
@@ -85,9 +84,11 @@ def test_no_row_lock_foreign_key_or_trigger_reaches_another_role(engine, schema,
         connection.execute(text(f'CREATE SCHEMA {own} AUTHORIZATION "{mallory_name}"'))
     try:
         with mallory_engine.connect() as connection:
-            for statement in (f'SELECT * FROM "{schema}".cache FOR UPDATE', f'SELECT * FROM "{schema}".cache FOR KEY SHARE',
+            for statement in (f'SELECT * FROM "{schema}".cache FOR UPDATE',
+                              f'SELECT * FROM "{schema}".cache FOR KEY SHARE',
                               f'SELECT * FROM "{schema}".cache_secrets FOR SHARE',
-                              f'CREATE UNLOGGED TABLE {own}.pin (u text, k text, FOREIGN KEY (u, k) REFERENCES "{schema}".cache)',
+                              f'CREATE UNLOGGED TABLE {own}.pin (u text, k text, '
+                              f'FOREIGN KEY (u, k) REFERENCES "{schema}".cache)',
                               f'CREATE TRIGGER spy AFTER INSERT ON "{schema}".cache FOR EACH ROW EXECUTE FUNCTION '
                               "pg_catalog.suppress_redundant_updates_trigger()",
                               f'TRUNCATE "{schema}".cache', f'REINDEX TABLE "{schema}".cache',
@@ -142,8 +143,8 @@ def test_advisory_locks_neither_stall_nor_defeat_another_role_s_stampede_lock(sc
         # plus a spread of other ids: none of them is the victim's lock any more.
         connection.begin()  # transaction-level locks: released with the test's transaction, not the pooled session
         for key in keys:
-            connection.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(concat_ws('/', CAST(:u AS text), 'cache', "
-                                    "CAST(:k AS text)), 0))"),
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtextextended("
+                                    "concat_ws('/', CAST(:u AS text), 'cache', CAST(:k AS text)), 0))"),
                                {"u": name, "k": key})
         connection.execute(text("SELECT pg_advisory_xact_lock_shared(g) FROM generate_series(1, 1000) AS g"))
         runs = []
@@ -389,8 +390,8 @@ def test_values_past_the_server_s_limit_fail_clearly_and_change_nothing(engine, 
         with mallory[1].connect() as connection:  # the functions check what the client skips
             identity = Cache(connection, schema=schema)._identity_now()
             with pytest.raises(sa_exc.DBAPIError, match="limit is 1024 bytes"):
-                connection.execute(text(f'SELECT "{schema}".cache_set(:u, :s, :k, :v, 1::int2, NULL, 0::int2, NULL, NULL)'),
-                                   {"u": identity.user, "s": identity.secret, "k": "k" * 5000, "v": b"x"})
+                call = f'SELECT "{schema}".cache_set(:u, :s, :k, :v, 1::int2, NULL, 0::int2, NULL, NULL)'
+                connection.execute(text(call), {"u": identity.user, "s": identity.secret, "k": "k" * 5000, "v": b"x"})
         every_call(cache, "unaffected")
     finally:
         mallory_cache.close()

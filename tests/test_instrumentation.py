@@ -55,7 +55,7 @@ def test_echo_logs_the_statements_and_hide_parameters_hides_their_values(pg_url,
             Cache(engine, schema=schema).set("k", "a secret value")
         logged = "\n".join(record.getMessage() for record in caplog.records)
         assert f"{schema}.cache_set(" in logged
-        assert ("a secret value".encode().hex() in logged) is not hide
+        assert (b"a secret value".hex() in logged) is not hide
         assert ("SQL parameters hidden" in logged) is hide
         engine.dispose()
 

@@ -45,7 +45,8 @@ def test_raw_sql_cannot_cross_users(users, schema):
     with b_engine.connect() as connection:
         assert connection.execute(text(f"SELECT count(*) FROM {table}")).scalar() == 0
         assert connection.execute(text(f"SELECT * FROM {table} WHERE user_id = :u"), {"u": alice}).all() == []
-        for statement in (f"UPDATE {table} SET value = 'x' WHERE user_id = :u", f"DELETE FROM {table} WHERE user_id = :u",
+        for statement in (f"UPDATE {table} SET value = 'x' WHERE user_id = :u",
+                          f"DELETE FROM {table} WHERE user_id = :u",
                           f"INSERT INTO {table} (user_id, key, value) VALUES (:u, 'k', 'v')"):
             with pytest.raises(sa_exc.ProgrammingError, match="permission denied"):  # writes go through functions
                 connection.execute(text(statement), {"u": alice})

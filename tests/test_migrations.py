@@ -6,8 +6,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from alembic.script import ScriptDirectory
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from fastpgcache import Cache, setup_cache

@@ -4,7 +4,8 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -219,7 +220,7 @@ class RedisContender(Contender):
     def get_many(self, keys):
         names = list(keys)
         found = self._r.mget([self._prefix + k for k in names])
-        return {k: decode_json(v.decode()) for k, v in zip(names, found) if v is not None}
+        return {k: decode_json(v.decode()) for k, v in zip(names, found, strict=True) if v is not None}
 
     def incr(self, key):
         return self._r.incr(self._prefix + key)

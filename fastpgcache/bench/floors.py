@@ -7,7 +7,6 @@ from sqlalchemy.pool import NullPool
 
 from ..cache import Cache
 
-
 FLOOR_TABLE = "floor"
 """The floor's plain table in the bench schema: the cache's columns, index and fillfactor, nothing else."""
 

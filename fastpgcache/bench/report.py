@@ -107,7 +107,8 @@ def _goal(name: str, ratio: float | None, op: str | None, target: float | None) 
 
 def format_table(report: Report) -> str:
     """The results as a fixed-width text table, then the goals, then the notes."""
-    head = f"{'workload':<17} {'contender':<24} {'p50 µs':>9} {'p95 µs':>9} {'p99 µs':>9} {'ops/s':>9} {'p50 x floor':>11}"
+    head = (f"{'workload':<17} {'contender':<24} {'p50 µs':>9} {'p95 µs':>9} {'p99 µs':>9} {'ops/s':>9} "
+            f"{'p50 x floor':>11}")
     lines = [f"{report.meta['server']}, fsync={report.meta['fsync']}, {report.meta['machine']}, "
              f"layout {report.meta['layout']}", "", head,
              "-" * len(head)]

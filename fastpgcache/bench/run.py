@@ -6,17 +6,27 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
 from ..admin import setup_cache
 from ..client import FastPgCache, build_url
-from .contenders import (Contender, DjangoContender, LibraryContender, Psycopg2Floor, RedisContender,
-                         SessionContender, _django_cache, sample_value, DJANGO_SCHEMA)
+from .contenders import (
+    DJANGO_SCHEMA,
+    Contender,
+    DjangoContender,
+    LibraryContender,
+    Psycopg2Floor,
+    RedisContender,
+    SessionContender,
+    _django_cache,
+    sample_value,
+)
 from .floors import capture_sql, create_floor_table, floor_sql
 from .layout import apply_layout, check_layout, cpu_count
 from .report import FLOOR, LIB, LIB_SQL, Report, Result, goals
@@ -47,7 +57,7 @@ class Settings:
         check_layout(self.layout)
 
     @classmethod
-    def quick(cls) -> "Settings":
+    def quick(cls) -> Settings:
         return cls(rounds=2, calls=60, budget_s=0.02, thread_ops=30)
 
 

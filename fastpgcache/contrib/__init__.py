@@ -9,7 +9,8 @@ import logging
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import URL, Engine
 

@@ -20,7 +20,7 @@ that is set wins. CACHE_SERIALIZER is refused: values are signed, see `factory`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flask_caching.backends.base import BaseCache
 

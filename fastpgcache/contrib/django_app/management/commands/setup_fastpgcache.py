@@ -6,8 +6,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils.module_loading import import_string
 
 from fastpgcache.admin import add_setup_arguments, cache_status, setup_cache
-from fastpgcache.errors import CacheError
 from fastpgcache.contrib.django import FastPgCache
+from fastpgcache.errors import CacheError
 
 
 class Command(BaseCommand):
