@@ -14,6 +14,7 @@ from sqlalchemy import exc as sa_exc
 
 from fastpgcache.admin import KEEP_SCHEMA, VERSION_TABLE, MigrationOptions
 from fastpgcache.catalog import SEARCH_PATH
+from fastpgcache.distributed import apply_distribution, sync_owner_login
 from fastpgcache.errors import sqlstate
 
 config = context.config
@@ -40,7 +41,12 @@ def _configure_and_run(connection):
     )
     with context.begin_transaction():
         context.run_migrations()
-        if not context.get_context().get_current_heads():
+        heads = context.get_context().get_current_heads()
+        if heads and set(heads) == set(context.script.get_heads()):
+            # At head, the table is made (or kept) distributed or local as asked (Citus, distributed.py); a
+            # revision that creates objects on a distributed table gets them distributed here.
+            apply_distribution(connection, options)
+        if not heads:
             # Downgraded to base: leave nothing behind, not even the history.
             version_table = connection.dialect.identifier_preparer.quote(VERSION_TABLE)
             connection.execute(text(f"DROP TABLE IF EXISTS {quoted_schema}.{version_table}"))
@@ -71,6 +77,8 @@ def run_migrations_online():
     try:
         with engine.connect() as connection:
             _configure_and_run(connection)
+            connection.commit()
+            sync_owner_login(connection, options.owner)  # Citus: the workers follow the committed setup
             connection.commit()
     finally:
         engine.dispose()

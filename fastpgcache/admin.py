@@ -15,6 +15,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from .catalog import SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, acl_holders, inspect_cache, read_limits
+from .distributed import check_can_distribute, check_shard_count, sync_owner_login
 from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, sqlstate, translate
 from .model import DEFAULT_OWNER, DEFAULT_SCHEMA, DEFAULT_TABLE, routine_name, secrets_table, settings_table, usage_table
 
@@ -27,6 +28,7 @@ LOCK_WAIT_SECONDS = 10.0
 """How long setup waits for any lock (another admin's, or a session reading the table) before giving up."""
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 
 # Plain identifiers only: they never need escaping in DDL, bind-parameter parsing or
 # driver %-formatting, and "<table>_expires_at_idx" stays within PostgreSQL's 63 bytes.
@@ -56,7 +58,8 @@ def _check_role_name(kind: str, role) -> None:
 
 @dataclass(frozen=True)
 class MigrationOptions:
-    """What the migrations create: schema, table name, logged or not, who owns it and who may use it."""
+    """What the migrations create: schema, table name, logged or not, who owns it and who may use it,
+    and whether Citus distributes it (None: keep what exists) over how many shards."""
 
     schema: str = DEFAULT_SCHEMA
     table: str = DEFAULT_TABLE
@@ -64,6 +67,8 @@ class MigrationOptions:
     grant_to: str | None = None
     owner: str = DEFAULT_OWNER
     url: str | None = field(default=None, repr=False)
+    distributed: bool | None = None
+    shard_count: int | None = None
 
     def __post_init__(self):
         for kind, name, longest in (("schema", self.schema, MAX_SCHEMA_LENGTH),
@@ -75,16 +80,33 @@ class MigrationOptions:
         _check_role_name("owner", self.owner)
         if self.owner.lower() == "public":
             raise ValueError("the owner must be a role of its own, not PUBLIC")
+        if self.distributed not in (None, True, False):
+            raise ValueError(f"distributed must be True, False or None (keep what exists); got {self.distributed!r}")
+        check_shard_count(self.shard_count)
+        if self.shard_count is not None and self.distributed is False:
+            raise ValueError("a shard count applies to a distributed table only; drop shard_count or distributed=False")
 
     @classmethod
     def from_x_arguments(cls, x: dict) -> "MigrationOptions":
-        """From `alembic -x schema=... -x table=... -x logged=true -x grant_to=ROLE -x owner=ROLE`.
+        """From `alembic -x schema=... -x table=... -x logged=true -x grant_to=ROLE -x owner=ROLE
+        -x distributed=true -x shard_count=N`.
 
         `-x url=...` is still read, but a command line is visible in `ps`: prefer FASTPGCACHE_URL.
         """
+        distributed = x.get("distributed")
+        if distributed is not None:
+            if distributed.lower() not in _TRUE | _FALSE:
+                raise ValueError(f"-x distributed takes true or false, not {distributed!r}")
+            distributed = distributed.lower() in _TRUE
+        shard_count = x.get("shard_count")
+        if shard_count is not None:
+            if not shard_count.isdigit():
+                raise ValueError(f"-x shard_count takes a number of shards, not {shard_count!r}")
+            shard_count = int(shard_count)
         return cls(schema=x.get("schema", DEFAULT_SCHEMA), table=x.get("table", DEFAULT_TABLE),
                    logged=x.get("logged", "false").lower() in _TRUE, grant_to=x.get("grant_to"),
-                   owner=x.get("owner", DEFAULT_OWNER), url=x.get("url"))
+                   owner=x.get("owner", DEFAULT_OWNER), url=x.get("url"), distributed=distributed,
+                   shard_count=shard_count)
 
     @staticmethod
     def quote(dialect, name: str) -> str:
@@ -166,16 +188,51 @@ def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table:
         status["warnings"].append("roles may write the table directly, bypassing the write functions and "
                                   f"their limits: {', '.join(catalog.write_grants())}; rerun fastpgcache-admin")
     role = catalog.role
+    status["distribution"] = _distribution_status(catalog)
+    status["warnings"] += _distribution_warnings(catalog)
     if role is not None:
         status["owner_role"] = {"name": role.rolname, "login": role.rolcanlogin, "members": role.members}
-        if role.rolcanlogin or role.rolsuper:
+        # On Citus the owner logs in (distributed.py), with a password only pg_dist_authinfo holds.
+        if role.rolsuper or (role.rolcanlogin and not catalog.owner_serves_citus):
             status["warnings"].append(f"the owner role {role.rolname} can log in or is a superuser; "
                                       f"make it NOLOGIN NOSUPERUSER")
+        elif catalog.distributed is not None and not role.rolcanlogin:
+            status["warnings"].append(f"the owner role {role.rolname} cannot log in, so Citus cannot open its "
+                                      "connections to the workers and every write fails; rerun fastpgcache-admin "
+                                      "--distributed")
     settings = catalog.relation("settings")
     if settings is not None and not problems and settings.owner in catalog.trusted:
         quote = bind.dialect.identifier_preparer.quote
         status["limits"] = read_limits(bind, f"{quote(schema)}.{quote(settings.relname)}")
     return status
+
+
+def _distribution_status(catalog) -> dict | None:
+    # {"column", "shards", "workers"} of a table Citus shards; {"reference": True, ...} for one it copies.
+    row = catalog.distributed
+    if row is None:
+        return None
+    return {"column": row.column, "shards": row.shards, "workers": catalog.workers, "reference": row.reference,
+            "companions_are_reference_tables": all(
+                catalog.distribution.get(name) is not None and catalog.distribution[name].reference
+                for name in catalog.distribution if name != catalog.table)}
+
+
+def _distribution_warnings(catalog) -> list[str]:
+    # What a distributed cache table needs, and setup with --distributed repairs.
+    row, where = catalog.distributed, f"{catalog.schema}.{catalog.table}"
+    if row is None:
+        return []
+    found = []
+    if row.reference or row.column != "key":
+        found.append(f"{where} is a Citus table but not sharded on key ({'a reference table' if row.reference else f'column {row.column}'}),"
+                     " so lookups fan out to every shard; rerun fastpgcache-admin --distributed")
+    loose = [name for name, companion in catalog.distribution.items()
+             if name != catalog.table and (companion is None or not companion.reference)]
+    if loose:
+        found.append(f"{', '.join(loose)} should be reference tables (a copy on every node) beside a distributed "
+                     "cache table; rerun fastpgcache-admin --distributed")
+    return found
 
 
 def _take_admin_lock(connection: Connection, lock_wait: float) -> None:
@@ -240,6 +297,10 @@ def _upgrade(connection: Connection, options: MigrationOptions, force: bool, loc
         extra = len(status["problems"]) - 1
         raise CacheError("refusing to set up: " + status["problems"][0] + (f" (and {extra} more)" if extra else ""))
     config = _alembic(connection, options)
+    if force:
+        # Dropped first, so the downgrade below has no rows to carry (on Citus it would copy a distributed
+        # table back to the coordinator before dropping it).
+        connection.execute(text(f"DROP TABLE IF EXISTS {options.qualified_table(connection.dialect)}"))
     if status["revision"] and (force or not status["exists"]):
         # Forced, or the table was dropped by hand while its revision stayed recorded:
         # undo what the migrations left (history, functions), then build it again.
@@ -250,8 +311,6 @@ def _upgrade(connection: Connection, options: MigrationOptions, force: bool, loc
                 f"a table {options.schema}.{options.table} exists but was not created by fastpgcache's migrations "
                 "(perhaps by the original project); rerun with --force to drop and recreate it, "
                 "or choose another --schema/--table")
-    if force:
-        connection.execute(text(f"DROP TABLE IF EXISTS {options.qualified_table(connection.dialect)}"))
     command.upgrade(config, "head")
     current = cache_status(connection, options.schema, options.table, options.owner)
     if current["unlogged"] == options.logged:
@@ -326,6 +385,9 @@ def privilege_statements(connection: Connection, options: MigrationOptions, gran
         statements += [f"GRANT EXECUTE ON FUNCTION {signature} TO {role}" for signature, public in ours if public]
     if "PUBLIC" not in grantees and options.schema != "public":
         statements.append(f"REVOKE USAGE ON SCHEMA {schema} FROM PUBLIC")
+    # The write functions run as the owner, who then needs the schema's use in its own right (not through
+    # PUBLIC, which the line above may take away); on Citus, the workers create the functions as the owner.
+    statements.append(f"GRANT USAGE ON SCHEMA {schema} TO {quote_role(options.owner)}")
     return statements
 
 
@@ -384,7 +446,8 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
                 url: str | None = None, engine: Engine | None = None, table: str = DEFAULT_TABLE,
                 force: bool = False, logged: bool | None = None, grant_to: str | None = None,
                 owner: str = DEFAULT_OWNER, max_value_bytes: int | None = None, quota_entries: int | None = None,
-                quota_bytes: int | None = None, lock_wait: float = LOCK_WAIT_SECONDS, token_provider=None) -> dict:
+                quota_bytes: int | None = None, lock_wait: float = LOCK_WAIT_SECONDS, token_provider=None,
+                distributed: bool | None = None, shard_count: int | None = None) -> dict:
     """Create or upgrade the cache table through its Alembic migrations; safe to run again.
 
     Keeps existing rows unless `force=True`, which drops and recreates the table.
@@ -393,14 +456,18 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
     that owns everything (created if missing). Limits: `max_value_bytes` (1 MiB for
     a new table), `quota_entries` and `quota_bytes` per role (0 removes a quota;
     None keeps what is set). Every lock is waited for at most `lock_wait` seconds.
-    Returns `cache_status()`::
+    `distributed=True` (Citus, on the coordinator) shards the table on `key` over
+    `shard_count` shards (Citus's citus.shard_count when None), converting an existing
+    table with its rows; False makes a distributed table local again; None keeps what
+    exists (see distributed.py). Returns `cache_status()`::
 
         from fastpgcache import setup_cache
         setup_cache(url="postgresql://admin@db/app", schema="cache", quota_bytes=100_000_000)
     """
     from .client import build_url
 
-    options = MigrationOptions(schema=schema, table=table, grant_to=grant_to, owner=owner)  # bad names: no SQL
+    options = MigrationOptions(schema=schema, table=table, grant_to=grant_to, owner=owner, distributed=distributed,
+                               shard_count=shard_count)  # bad names or counts: no SQL
     owns = engine is None
     if engine is None:
         engine = create_engine(build_url(url=url, host=host, port=port, database=database, user=user,
@@ -413,8 +480,15 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
         with engine.connect() as probe:
             probe.execute(text(SEARCH_PATH))
             existing = cache_status(probe, schema, table, owner)
+            if distributed:
+                check_can_distribute(probe)  # before anything is created: one line, nothing left behind
         keep = existing["exists"] and not force
         options = replace(options, logged=(not existing["unlogged"]) if keep and logged is None else bool(logged))
+        was = existing.get("distribution")
+        if distributed is None and was is not None:
+            # A table forced anew is distributed again, over as many shards as before unless told otherwise.
+            options = replace(options, distributed=True,
+                              shard_count=shard_count or (None if keep or was["reference"] else was["shards"]))
         try:
             # One transaction for the whole setup, even on an AUTOCOMMIT engine (the framework backends').
             with engine.connect().execution_options(isolation_level="READ COMMITTED") as connection, \
@@ -422,6 +496,9 @@ def setup_cache(host: str = "localhost", database: str = "postgres", user: str =
                 _upgrade(connection, options, force, lock_wait)
                 set_limits(connection, options, max_value_bytes=max_value_bytes, quota_entries=quota_entries,
                            quota_bytes=quota_bytes)
+            with engine.connect() as connection:
+                sync_owner_login(connection, owner)  # Citus: the workers' copy of the owner's login, once committed
+                connection.commit()
         except sa_exc.DBAPIError as error:
             raise_translated(error, f"{schema}.{table}")
         return cache_status(engine, schema, table, owner)
@@ -451,6 +528,16 @@ def add_setup_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most bytes of keys and values per role; 0 removes the quota")
 
 
+def _shard_count(value: str) -> int:
+    # argparse's type: a clear one-line error for "--shard-count x" or 0.
+    try:
+        count = int(value)
+        check_shard_count(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64000, not {value!r}") from None
+    return count
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastpgcache-admin",
@@ -468,6 +555,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--table", default=DEFAULT_TABLE)
     parser.add_argument("--force", action="store_true", help="drop and recreate the table without asking")
     add_setup_arguments(parser)
+    parser.add_argument("--distributed", action=argparse.BooleanOptionalAction, default=None,
+                        help="Citus: shard the table on key across the workers (run on the coordinator; an existing "
+                        "table keeps its rows); --no-distributed makes it local again; default: keep what exists")
+    parser.add_argument("--shard-count", type=_shard_count, metavar="N",
+                        help="Citus: shards of the distributed table (default: the server's citus.shard_count)")
     parser.add_argument("--check", action="store_true",
                         help="report the table's state, owner, grants and limits; exit 1 if not set up")
     parser.add_argument("--cleanup", action="store_true", help="delete every role's expired rows")
@@ -516,6 +608,10 @@ def describe(status: dict) -> str:
         readers = ", ".join(status["readers"]) or "nobody but the owner"
         callers = ", ".join(status["callers"]) or "nobody"
         lines.append(f"  grants: SELECT to {readers}; the write functions to {callers}")
+        spread = status.get("distribution")
+        if spread:
+            lines.append("  Citus reference table (a copy on every node)" if spread["reference"] else
+                         f"  distributed on {spread['column']}, {spread['shards']} shards, {spread['workers']} workers")
     limits = status.get("limits")
     if limits:
         quota = ", ".join(f"{limits[k]} {k.split('_')[1]}" for k in ("quota_entries", "quota_bytes")
@@ -542,7 +638,7 @@ def _run(args) -> int:
         status = setup_cache(engine=engine, schema=args.schema, table=args.table, force=args.force,
                              logged=args.logged, grant_to=args.grant_to, owner=args.owner,
                              max_value_bytes=args.max_value_bytes, quota_entries=args.quota_entries,
-                             quota_bytes=args.quota_bytes)
+                             quota_bytes=args.quota_bytes, distributed=args.distributed, shard_count=args.shard_count)
         print(describe(status))
         return 0
     finally:

@@ -403,11 +403,14 @@ class AsyncCache(Cache):
                     claimed = await twin._claim(key, wait)
                     if claimed is None:  # waited `wait` for another caller: compute, and leave storing to it
                         return await _computed(fn)
-                    value = _MISSING if claimed else await twin.get(key, _MISSING)
-                    if value is _MISSING:
+                    if claimed:
                         value = await twin._fill(key, fn, ttl)
-                    self._remember([normalize_key(key)])
-                    return value
+                        self._remember([normalize_key(key)])
+                        return value
+            # A live value is there: read once the claim's transaction is over (Citus: see Cache._fill_claimed).
+            value = await self._bound_to(self.bind).get(key, _MISSING)
+            if value is not _MISSING:
+                return value
         except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:  # connecting or committing; statements translate
             self._absorb_connect_error(error)
         return await self._fill(key, fn, ttl)

@@ -490,10 +490,15 @@ class Cache(Executor):
                 claimed = twin._claim(key, wait)
                 if claimed is None:  # waited `wait` for another caller: compute, and leave storing to it
                     return fn()
-                value = _MISSING if claimed else twin.get(key, _MISSING)
-                if value is _MISSING:
+                if claimed:
                     value = twin._fill(key, fn, ttl)
-                self._remember([normalize_key(key)])
+                    self._remember([normalize_key(key)])
+                    return value
+            # A live value is there (maybe stored while we waited), read once the claim's transaction is over:
+            # on Citus the claim wrote the key's shard as the table's owner, and Citus cannot then read that
+            # shard as this role in the same transaction.
+            value = self._bound_to(self.bind).get(key, _MISSING)
+            if value is not _MISSING:
                 return value
         return self._fill(key, fn, ttl)
 
@@ -513,8 +518,8 @@ class Cache(Executor):
             raise problem from (None if problem is error else error)
 
     def _bound_to(self, connection) -> "Cache":
-        # This cache on one connection, so the claim, the re-read and the store share one transaction. Its
-        # reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears of it.
+        # This cache on `connection` (the claim and the store share its transaction), or on the same bind for
+        # the re-read; its reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears.
         twin = copy.copy(self)
         twin.bind, twin.guard, twin._leases = connection, None, None
         return twin

@@ -79,6 +79,51 @@ SELECT r.rolname FROM pg_catalog.pg_roles AS r
 
 _LIMITS = "SELECT max_value_bytes, quota_entries, quota_bytes FROM {settings}"
 
+# Citus's metadata (pg_dist_*) exists only where the extension is; every node holds a copy, readable by all.
+_CITUS = text("SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL"
+              " AND EXISTS (SELECT FROM pg_catalog.pg_extension AS e WHERE e.extname OPERATOR(pg_catalog.=) 'citus')")
+
+_DISTRIBUTION = text("""
+SELECT c.relname,
+       p.partmethod OPERATOR(pg_catalog.=) 'n' AND p.repmodel OPERATOR(pg_catalog.=) 't' AS reference,
+       CASE WHEN p.partkey IS NOT NULL THEN pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) END AS column,
+       (SELECT pg_catalog.count(*) FROM pg_catalog.pg_dist_shard AS s
+         WHERE s.logicalrelid OPERATOR(pg_catalog.=) p.logicalrelid) AS shards
+  FROM pg_catalog.pg_dist_partition AS p
+  JOIN pg_catalog.pg_class AS c ON c.oid OPERATOR(pg_catalog.=) p.logicalrelid
+  JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+ WHERE n.nspname OPERATOR(pg_catalog.=) :schema
+   AND c.relname OPERATOR(pg_catalog.=) ANY (CAST(:names AS pg_catalog.name[]))""")
+
+_WORKERS = text("SELECT pg_catalog.count(*) FROM pg_catalog.pg_dist_node AS d"
+                " WHERE d.noderole OPERATOR(pg_catalog.=) 'primary' AND d.isactive AND d.groupid OPERATOR(pg_catalog.<>) 0")
+
+_OWNER_SERVES_CITUS = text("""
+SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition AS p
+                 JOIN pg_catalog.pg_class AS c ON c.oid OPERATOR(pg_catalog.=) p.logicalrelid
+                 JOIN pg_catalog.pg_roles AS r ON r.oid OPERATOR(pg_catalog.=) c.relowner
+                WHERE r.rolname OPERATOR(pg_catalog.=) :role)""")
+
+
+def citus_installed(connection: Connection) -> bool:
+    """Whether this database has the Citus extension (on the coordinator or a worker)."""
+    return bool(connection.execute(_CITUS).scalar())
+
+
+def distribution_of(connection: Connection, schema: str, table: str) -> dict:
+    """{relation name: its Citus metadata (reference, column, shards), or None} for the cache table and
+    its companions; every value None where Citus is not installed."""
+    names = [table, secrets_table(table).name, settings_table(table).name, usage_table(table).name]
+    found = dict.fromkeys(names)
+    if citus_installed(connection):
+        found.update({row.relname: row for row in connection.execute(_DISTRIBUTION, {"schema": schema, "names": names})})
+    return found
+
+
+def owner_serves_citus(connection: Connection, owner: str) -> bool:
+    """Whether `owner` owns a Citus table, so Citus must log in as it (distributed.py)."""
+    return citus_installed(connection) and bool(connection.execute(_OWNER_SERVES_CITUS, {"role": owner}).scalar())
+
 
 @dataclass
 class CacheCatalog:
@@ -94,6 +139,14 @@ class CacheCatalog:
     triggers: list = field(default_factory=list)
     role: object = None
     trusted: frozenset = frozenset()
+    distribution: dict = field(default_factory=dict)  # relation name: Citus metadata row or None
+    workers: int = 0  # active Citus workers, 0 without Citus
+    owner_serves_citus: bool = False  # the owner owns a Citus table, so it logs in for Citus (distributed.py)
+
+    @property
+    def distributed(self):
+        """The cache table's Citus metadata (reference, column, shards), or None for a plain table."""
+        return self.distribution.get(self.table)
 
     @property
     def entries(self):
@@ -148,6 +201,9 @@ class CacheCatalog:
         entries, where = self.entries, f"{self.schema}.{self.table}"
         if entries is None:
             return [f"{where} does not exist; run fastpgcache-admin"]
+        if self.distributed is not None:
+            return [f"{where} is distributed by Citus: a write's notification reaches only listeners on the node "
+                    "that ran it, and clients may enter through any node"]
         found = []
         by_name: dict = {}
         for row in self.functions:
@@ -164,7 +220,8 @@ class CacheCatalog:
         if self.write_grants():
             found.append(f"roles may write {where} directly, and their inserts are not announced: "
                          f"{', '.join(self.write_grants())}; rerun fastpgcache-admin")
-        if self.role is not None and (self.role.rolcanlogin or self.role.rolsuper):
+        # A LOGIN owner that serves Citus has a password only pg_dist_authinfo holds (superusers only).
+        if self.role is not None and (self.role.rolsuper or (self.role.rolcanlogin and not self.owner_serves_citus)):
             found.append(f"the table's owner {self.role.rolname} can log in and write directly, unannounced; "
                          f"make it NOLOGIN")
         return found
@@ -222,6 +279,10 @@ def inspect_cache(connection: Connection, schema: str, table: str, owner_role: s
     catalog.triggers = list(connection.execute(_TRIGGERS, {"schema": schema, "names": [table, VERSION_TABLE]}))
     catalog.role = connection.execute(_ROLE, {"role": owner_role}).first()
     catalog.trusted = frozenset(connection.execute(_TRUSTED_ROLES, {"extra": [owner_role]}).scalars())
+    catalog.distribution = distribution_of(connection, schema, table)
+    if citus_installed(connection):
+        catalog.workers = connection.execute(_WORKERS).scalar()
+        catalog.owner_serves_citus = owner_serves_citus(connection, owner_role)
     return catalog
 
 

@@ -82,6 +82,11 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
         setting = "lock_timeout" if state == "55P03" else "statement_timeout"
         return CacheTimeoutError(f"{first_line(error)}: the call waited longer than {setting} allows "
                                  f"(raise it, e.g. FastPgCache({setting}=...), or find what holds the lock)")
+    if state == "25001" and "modified in this transaction by a different user" in first_line(error):
+        # Citus: the write functions run as the table's owner, so they write a shard over the owner's
+        # connection to its worker; Citus cannot read that shard over this role's own in the same transaction.
+        return CacheError(f"{first_line(error)} ({where} is distributed by Citus): in one transaction, read a key "
+                          "before the cache writes to its shard, or after the commit")
     if state in ("26000", "42P05"):  # prepared statement missing / duplicate: a transaction-mode pooler
         return CacheError(f"{first_line(error)}: behind a transaction-mode pooler (pgbouncer) server-side "
                           "prepared statements break; pass prepare_threshold=None (psycopg 3)")

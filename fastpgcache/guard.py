@@ -13,7 +13,9 @@ call returns.
 
 The guard trusts the functions only while the catalogs say nobody can write
 around them (catalog.py), and steps aside while PostgreSQL's notification
-queue fills (writers stop notifying at half full).
+queue fills (writers stop notifying at half full). On a table distributed by
+Citus it stays off: a notification reaches only the node whose function sent
+it, and clients may enter through any node.
 """
 from __future__ import annotations
 
@@ -366,6 +368,11 @@ class NegativeLookupGuard:
         payloads = listener.receive(timeout)
         tokens = []
         for payload in payloads:
+            if payload == "distributed":
+                # The admin has just distributed the table (distributed.py): from this commit on, writes
+                # entering through a worker notify only there. Off now, not at the next heartbeat.
+                raise _TurnOff(f"{self.where} is now distributed by Citus: a write's notification reaches only "
+                               "listeners on the node that ran it")
             if payload == "reset":
                 # Some statement inserted more keys than it could list: nothing can be trusted.
                 self._reset_requested = True

@@ -280,3 +280,51 @@ def write_from_another_process(pg_url):
                "FPC_SCHEMA": schema, "FPC_KEY": key}
         subprocess.run([sys.executable, "-c", ANOTHER_PROCESS_WRITER], env=env, check=True, timeout=60)
     return write
+
+
+@pytest.fixture(scope="session")
+def citus_admin(citus):
+    """An Engine on the Citus coordinator as its superuser."""
+    engine = create_engine(citus.coordinator_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def citus_role(citus, citus_admin):
+    """citus_role(prefix): (name, {"coordinator": url, "worker0": url, "worker1": url}) of a new LOGIN role
+    (no superuser, no BYPASSRLS) that exists on every node; dropped at the end."""
+    created = []
+
+    def make(prefix: str = "role"):
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        with citus_admin.begin() as connection:  # Citus creates the role on every worker too
+            connection.execute(text(f'CREATE ROLE "{name}" LOGIN NOSUPERUSER NOBYPASSRLS'))
+        created.append(name)
+        urls = {"coordinator": make_url(citus.coordinator_url).set(username=name)}
+        urls.update({f"worker{i}": make_url(url).set(username=name) for i, url in enumerate(citus.worker_urls)})
+        return name, urls
+
+    yield make
+    with citus_admin.begin() as connection:
+        for name in created:
+            connection.execute(text(f'DROP OWNED BY "{name}" CASCADE'))
+            connection.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+
+
+@pytest.fixture
+def citus_schema(citus_admin):
+    """citus_schema(**setup options): a new schema with a cache table set up distributed (8 shards unless
+    told otherwise); every one made is dropped afterwards."""
+    made = []
+
+    def make(**options):
+        name = f"c_{uuid.uuid4().hex[:10]}"
+        made.append(name)
+        setup_cache(engine=citus_admin, schema=name, **{"distributed": True, "shard_count": 8, **options})
+        return name
+
+    yield make
+    with citus_admin.begin() as connection:
+        for name in made:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))

@@ -35,6 +35,8 @@ from alembic import context, op
 from sqlalchemy import MetaData, text
 
 from fastpgcache.admin import privilege_statements, quote_role, readers, run_ddl
+from fastpgcache.catalog import distribution_of, owner_serves_citus
+from fastpgcache.distributed import citus_manages_login, release_owner_login
 from fastpgcache.model import DEFAULT_MAX_VALUE_BYTES, routine_name, secrets_table, settings_table, usage_table
 
 revision = "0004_write_functions"
@@ -91,11 +93,14 @@ def _names() -> _Names:
 # now. NULL (nothing written) otherwise; the client then re-reads its secret once and retries.
 # The role the caller acts as: the one set by SET ROLE, else the login. Inside another role's SECURITY
 # DEFINER function this is still the session's role, not that function's owner.
-_ACTING = "CASE current_setting('role') WHEN 'none' THEN session_user::text ELSE current_setting('role') END"
+# A searched CASE: Citus deparses a simple one (CASE x WHEN ...) wrongly for its shards ("text = boolean").
+_ACTING = "(CASE WHEN current_setting('role') = 'none' THEN session_user::text ELSE current_setting('role') END)"
 
 _VERIFY = """
-    SELECT s.channel INTO v_channel FROM {secrets} AS s
-     WHERE s.user_id = p_user AND s.secret = p_secret AND p_user = """ + _ACTING + """;
+    IF p_user IS DISTINCT FROM """ + _ACTING + """ THEN
+        RETURN NULL;
+    END IF;
+    SELECT s.channel INTO v_channel FROM {secrets} AS s WHERE s.user_id = p_user AND s.secret = p_secret;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -189,8 +194,9 @@ BEGIN
 END"""),
     # A role's first write creates its secret (the column's random default), for the role it acts as only.
     "enroll": ("()", "void", """
+    v_me text := """ + _ACTING + """;
 BEGIN
-    INSERT INTO {secrets} AS s (user_id) VALUES (""" + _ACTING + """) ON CONFLICT (user_id) DO NOTHING;
+    INSERT INTO {secrets} AS s (user_id) VALUES (v_me) ON CONFLICT (user_id) DO NOTHING;
 END"""),
     # Django's MAX_ENTRIES/CULL_FREQUENCY, for the role's rows: a write that finds more than p_max
     # entries first removes the expired ones, then 1/p_frequency of the rest, oldest first (0: all).
@@ -462,6 +468,9 @@ BEGIN""" + _VERIFY + """
     SELECT {batch_keys}, max(e.created_at) INTO v_keys, v_cutoff FROM (
         SELECT e.key, e.created_at FROM {cache} AS e WHERE e.user_id = p_user
          ORDER BY e.created_at DESC OFFSET p_keep LIMIT p_batch) AS e;
+    IF v_cutoff IS NULL THEN
+        RETURN 0;  -- nothing past p_keep (Citus also fails a DELETE whose WHERE folds to NULL)
+    END IF;
     WITH gone AS (
         DELETE FROM {cache} AS c WHERE c.user_id = p_user AND c.key = ANY (v_keys) AND c.created_at <= v_cutoff
         RETURNING octet_length(c.key) + octet_length(c.value) AS size)
@@ -552,7 +561,9 @@ def _ensure_owner(names: _Names) -> None:
     exists = bind.execute(text("SELECT rolcanlogin FROM pg_roles WHERE rolname = :r"), {"r": role}).first()
     if exists is None:
         run_ddl(bind, f"CREATE ROLE {names.owner} NOLOGIN")
-    elif exists.rolcanlogin:
+    elif exists.rolcanlogin and not (names.options.distributed or owner_serves_citus(bind, role)
+                                     or citus_manages_login(bind, role)):
+        # On Citus the owner logs in for the nodes' connections, with a password only Citus holds (distributed.py).
         raise RuntimeError(f"the owner role {role} can log in; it must be NOLOGIN (ALTER ROLE {role} NOLOGIN), "
                            "since whoever logs in as the owner bypasses row-level security")
     superuser = bind.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar()
@@ -609,6 +620,10 @@ def downgrade() -> None:
         run(f"DROP FUNCTION IF EXISTS {signature}")
     for relation in (names.secrets, names.settings, names.usage):
         run(f"DROP TABLE IF EXISTS {relation}")
+    if distribution_of(bind, names.options.schema, names.options.table)[names.options.table] is not None:
+        # Revision 0002's trigger cannot live on a Citus table: the rows come back to this node first.
+        bind.execute(text("SELECT pg_catalog.undistribute_table(:t)"), {"t": names.cache})
+    release_owner_login(bind, names.options.owner)
     if not bind.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": names.cache}).scalar():
         return  # setup repairs a table dropped by hand by downgrading what is left
     run(f"ALTER TABLE {names.cache} OWNER TO CURRENT_USER")
