@@ -45,7 +45,6 @@ from fastpgcache import Cache, setup_cache  # noqa: E402
 from fastpgcache.client import cache_engine  # noqa: E402
 from fastpgcache.distributed import DELEGATED_VERBS  # noqa: E402
 from fastpgcache.embedded import EmbeddedPostgres  # noqa: E402
-from fastpgcache.statements import text_array  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -152,6 +151,11 @@ def plain_postgresql(args, report: dict) -> None:
                     rounds[name][op].append(meter.run(fn, args.calls))
                 rounds[name]["set_many_1000"].append(meter.run(lambda i: cache.set_many(batch), 3))
         report["plain"] = {name: {op: median_of(r) for op, r in ops.items()} for name, ops in rounds.items()}
+        if "baseline" in rounds:
+            # Per round, this checkout's time over main's (interleaved, so both saw the same machine).
+            report["plain_ratio_branch_to_baseline"] = {op: round(statistics.median(
+                b["us"] / a["us"] for a, b in zip(rounds["baseline"][op], rounds["branch"][op])), 3)
+                for op in rounds["branch"]}
         for cache in contenders.values():
             cache.bind.dispose()
         admin_engine.dispose()
@@ -240,14 +244,41 @@ def round_trips(cluster: CitusCluster, role: str) -> dict:
             cache._identity_now()
             raw = connection.connection.dbapi_connection
             connection.exec_driver_sql("SET citus.log_remote_commands = on")
-            for op, call in (("set", lambda: cache.set("rt", 1)), ("get", lambda: cache.get("rt")),
-                             ("incr", lambda: cache.incr("rt:n")), ("get_many(10)",
-                                                                      lambda: cache.get_many([f"k{i}" for i in range(10)]))):
+            keys = [f"k{i}" for i in range(10)]
+            calls = {"set": lambda: cache.set("rt", 1), "get": lambda: cache.get("rt"),
+                     "incr": lambda: cache.incr("rt:n"), "get_many(10)": lambda: cache.get_many(keys)}
+            for op, call in calls.items():
                 del raw.notices[:]
                 call()
                 found[f"{op}, {schema}"] = sum("issuing" in note for note in raw.notices)
         engine.dispose()
     return found
+
+
+def model(report: dict, cores: int = 8, workers=(1, 2, 4, 8, 16)) -> dict:
+    """Most calls per second the CPU allows, from the measured CPU per call (see the README's model).
+
+    One plain server: cores / c_plain. Citus, clients entering through the coordinator only: the lesser of
+    the coordinator's cores / its CPU per call and the workers' W * cores / theirs. Clients entering through
+    every worker (multi-host URL): W * cores over the mean CPU per call, where a call's key is on the entry
+    worker one time in W (all its CPU there) and on another worker otherwise (routing there + shard work)."""
+    plain, single = report["plain"]["branch"], report["citus_single_key"]
+    table = {}
+    for op in ("get", "set"):
+        c_plain = plain[op]["cpu_server_us"]
+        via = single["coordinator, delegated"][op]
+        c_coord = via["cpu_coordinator_us"]
+        c_workers = via["cpu_worker0_us"] + via["cpu_worker1_us"]
+        local = single["worker0, key on worker0"][op]["cpu_worker0_us"]
+        remote = single["worker0, key on worker1"][op]
+        c_remote = remote["cpu_worker0_us"] + remote["cpu_worker1_us"]
+        row = {"plain, one server": round(cores / c_plain * 1e6)}
+        for w in workers:
+            row[f"{w} workers, via coordinator"] = round(min(cores / c_coord, w * cores / c_workers) * 1e6)
+            mean = local / w + c_remote * (1 - 1 / w)
+            row[f"{w} workers, via every worker"] = round(w * cores / mean * 1e6)
+        table[op] = row
+    return table
 
 
 def main(argv=None) -> int:
@@ -265,6 +296,7 @@ def main(argv=None) -> int:
                        "note": "loopback, unpinned, one machine"}}
     plain_postgresql(args, report)
     citus_cluster(args, report)
+    report["model_calls_per_second_8_cores_per_node"] = model(report)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

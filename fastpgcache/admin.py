@@ -225,8 +225,9 @@ def _distribution_warnings(catalog) -> list[str]:
         return []
     found = []
     if row.reference or row.column != "key":
-        found.append(f"{where} is a Citus table but not sharded on key ({'a reference table' if row.reference else f'column {row.column}'}),"
-                     " so lookups fan out to every shard; rerun fastpgcache-admin --distributed")
+        how = "a reference table" if row.reference else f"sharded on {row.column}"
+        found.append(f"{where} is a Citus table but not sharded on key ({how}), so lookups go to every shard; "
+                     "rerun fastpgcache-admin --distributed")
     loose = [name for name, companion in catalog.distribution.items()
              if name != catalog.table and (companion is None or not companion.reference)]
     if loose:

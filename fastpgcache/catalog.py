@@ -96,7 +96,8 @@ SELECT c.relname,
    AND c.relname OPERATOR(pg_catalog.=) ANY (CAST(:names AS pg_catalog.name[]))""")
 
 _WORKERS = text("SELECT pg_catalog.count(*) FROM pg_catalog.pg_dist_node AS d"
-                " WHERE d.noderole OPERATOR(pg_catalog.=) 'primary' AND d.isactive AND d.groupid OPERATOR(pg_catalog.<>) 0")
+                " WHERE d.noderole OPERATOR(pg_catalog.=) 'primary' AND d.isactive"
+                " AND d.groupid OPERATOR(pg_catalog.<>) 0")
 
 _OWNER_SERVES_CITUS = text("""
 SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition AS p
@@ -110,13 +111,14 @@ def citus_installed(connection: Connection) -> bool:
     return bool(connection.execute(_CITUS).scalar())
 
 
-def distribution_of(connection: Connection, schema: str, table: str) -> dict:
+def distribution_of(connection: Connection, schema: str, table: str, citus: bool | None = None) -> dict:
     """{relation name: its Citus metadata (reference, column, shards), or None} for the cache table and
-    its companions; every value None where Citus is not installed."""
+    its companions; every value None where Citus is not installed (`citus`: already known or not)."""
     names = [table, secrets_table(table).name, settings_table(table).name, usage_table(table).name]
     found = dict.fromkeys(names)
-    if citus_installed(connection):
-        found.update({row.relname: row for row in connection.execute(_DISTRIBUTION, {"schema": schema, "names": names})})
+    if citus if citus is not None else citus_installed(connection):
+        rows = connection.execute(_DISTRIBUTION, {"schema": schema, "names": names})
+        found.update({row.relname: row for row in rows})
     return found
 
 
@@ -279,10 +281,11 @@ def inspect_cache(connection: Connection, schema: str, table: str, owner_role: s
     catalog.triggers = list(connection.execute(_TRIGGERS, {"schema": schema, "names": [table, VERSION_TABLE]}))
     catalog.role = connection.execute(_ROLE, {"role": owner_role}).first()
     catalog.trusted = frozenset(connection.execute(_TRUSTED_ROLES, {"extra": [owner_role]}).scalars())
-    catalog.distribution = distribution_of(connection, schema, table)
-    if citus_installed(connection):
+    citus = citus_installed(connection)
+    catalog.distribution = distribution_of(connection, schema, table, citus)
+    if citus:
         catalog.workers = connection.execute(_WORKERS).scalar()
-        catalog.owner_serves_citus = owner_serves_citus(connection, owner_role)
+        catalog.owner_serves_citus = bool(connection.execute(_OWNER_SERVES_CITUS, {"role": owner_role}).scalar())
     return catalog
 
 

@@ -82,10 +82,15 @@ def check_can_distribute(connection: Connection) -> None:
         raise CacheError("run setup for a distributed table on the Citus coordinator, not on a worker")
 
 
+def _may_read_authinfo(connection: Connection) -> bool:
+    # Citus is here, and this role may read pg_dist_authinfo (superusers only, unless granted).
+    return citus_installed(connection) and bool(connection.execute(text(
+        "SELECT pg_catalog.has_table_privilege('pg_catalog.pg_dist_authinfo', 'SELECT')")).scalar())
+
+
 def citus_manages_login(connection: Connection, owner: str) -> bool:
     """Whether the owner's login is the one setup gave it for Citus: a pg_dist_authinfo row here."""
-    if not citus_installed(connection) or not connection.execute(text(
-            "SELECT pg_catalog.has_table_privilege('pg_catalog.pg_dist_authinfo', 'SELECT')")).scalar():
+    if not _may_read_authinfo(connection):
         return False
     return bool(connection.execute(text(
         "SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_authinfo AS a WHERE a.rolename OPERATOR(pg_catalog.=) :r)"),
@@ -104,6 +109,9 @@ def _qualified(connection: Connection, schema: str, name: str) -> str:
 def _distribute(connection: Connection, options, current: dict) -> None:
     check_can_distribute(connection)
     _owner_logs_in(connection, options.owner)
+    # Citus creates a table's shards on a new node (rebalancing, reference tables copied to a node just
+    # added) over the table owner's own connection, so the owner may create in the schema on Citus.
+    _schema_create(connection, options, "GRANT", "TO")
     for name in _companions(options):
         row = current.get(name)
         qualified = _qualified(connection, options.schema, name)
@@ -143,7 +151,15 @@ def _undistribute(connection: Connection, options, current: dict) -> None:
         if current.get(name) is not None:
             _call(connection, "undistribute_table", table if name == options.table
                   else _qualified(connection, options.schema, name))
+    _schema_create(connection, options, "REVOKE", "FROM")
     release_owner_login(connection, options.owner)
+
+
+def _schema_create(connection: Connection, options, verb: str, preposition: str) -> None:
+    from .admin import quote_role, run_ddl
+
+    schema = connection.dialect.identifier_preparer.quote(options.schema)
+    run_ddl(connection, f"{verb} CREATE ON SCHEMA {schema} {preposition} {quote_role(options.owner)}")
 
 
 def _call(connection: Connection, function: str, relation: str) -> None:
@@ -208,16 +224,18 @@ def sync_owner_login(connection: Connection, owner: str) -> None:
     on each worker at once, where the owner role of an uncommitted setup does not exist yet.
     A worker added later gets the row at the next setup.
     """
-    if not citus_installed(connection) or not connection.execute(text("SELECT pg_catalog.citus_is_coordinator()")).scalar():
-        return
+    if not _may_read_authinfo(connection) or not connection.execute(text(
+            "SELECT pg_catalog.citus_is_coordinator()")).scalar():
+        return  # no Citus, or an admin who is no superuser and so set up no distributed table either
     authinfo = connection.execute(text(
         "SELECT a.authinfo FROM pg_catalog.pg_dist_authinfo AS a"
         " WHERE a.rolename OPERATOR(pg_catalog.=) :r AND a.nodeid OPERATOR(pg_catalog.=) 0"), {"r": owner}).scalar()
     if authinfo is None:
         _on_workers(connection, "DELETE FROM pg_catalog.pg_dist_authinfo WHERE rolename = {r}", r=owner)
     else:
-        _on_workers(connection, "INSERT INTO pg_catalog.pg_dist_authinfo (nodeid, rolename, authinfo) VALUES (0, {r}, {a})"
-                    " ON CONFLICT (rolename, nodeid) DO UPDATE SET authinfo = EXCLUDED.authinfo", r=owner, a=authinfo)
+        _on_workers(connection, "INSERT INTO pg_catalog.pg_dist_authinfo (nodeid, rolename, authinfo)"
+                    " VALUES (0, {r}, {a}) ON CONFLICT (rolename, nodeid) DO UPDATE SET authinfo = EXCLUDED.authinfo",
+                    r=owner, a=authinfo)
 
 
 def release_owner_login(connection: Connection, owner: str) -> None:

@@ -141,7 +141,8 @@ def test_cleanup_of_every_role_by_the_superuser_through_any_node(citus, citus_sc
 def test_limits_and_quotas_hold_on_every_node(citus_admin, citus_schema, citus_role, engines):
     schema = citus_schema(quota_entries=5, max_value_bytes=100)
     _, urls = citus_role("quota")
-    through = {entry: Cache(engines(urls[entry]), schema=schema, expire_every=None) for entry in ("coordinator", "worker1")}
+    through = {entry: Cache(engines(urls[entry]), schema=schema, expire_every=None)
+               for entry in ("coordinator", "worker1")}
     assert through["coordinator"].set_many({"a": 1, "b": 2, "c": 3}) == 3
     assert through["worker1"].set("d", 4) and through["worker1"].incr("e") == 1  # delegated calls: on the key's worker
     for cache in through.values():
@@ -243,7 +244,7 @@ def test_reading_a_shard_the_transaction_wrote_fails_clearly_and_other_shards_re
     # transaction: the error says so, and what to do.
     _, urls = app
     ports = [make_url(url).port for url in citus.worker_urls]
-    written, other = keys_on(citus_admin, shared, ports[0], 1, "rw")[0], keys_on(citus_admin, shared, ports[1], 1, "rw")[0]
+    written, other = (keys_on(citus_admin, shared, port, 1, "rw")[0] for port in ports)
     Cache(engines(urls["coordinator"]), schema=shared).set(other, "committed")
     with Session(engines(urls["coordinator"])) as session:
         cache = Cache(session, schema=shared)

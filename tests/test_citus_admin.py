@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from fastpgcache import Cache, CacheError, setup_cache
-from fastpgcache.admin import cache_status, describe, main
+from fastpgcache.admin import cache_status, main
 from fastpgcache.distributed import DELEGATED_VERBS, scram_verifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +32,8 @@ def _scalar(url, sql: str, **params):
     engine = create_engine(url)
     try:
         with engine.begin() as connection:
-            return connection.execute(text(sql), params).scalar()
+            result = connection.execute(text(sql), params)
+            return result.scalar() if result.returns_rows else None
     finally:
         engine.dispose()
 
@@ -87,7 +88,7 @@ def test_setup_distributes_on_key_with_reference_companions_and_delegated_functi
                                                                                      capsys):
     schema = fresh_schema()
     assert main(["--url", citus.coordinator_url, "--schema", schema, "--distributed", "--shard-count", "6"]) == 0
-    assert f"distributed on key, 6 shards, 2 workers" in capsys.readouterr().out
+    assert "distributed on key, 6 shards, 2 workers" in capsys.readouterr().out
     assert main(["--url", citus.coordinator_url, "--schema", schema, "--check"]) == 0
     out = capsys.readouterr().out
     assert "  distributed on key, 6 shards, 2 workers\n" in out and "warning" not in out
@@ -173,6 +174,23 @@ def test_making_it_local_again_keeps_rows_and_takes_the_owner_s_login_back(citus
     assert _scalar(citus.coordinator_url, "SELECT rolpassword IS NULL FROM pg_authid WHERE rolname = :r", r=owner)
     assert Cache(engine, schema=schema).get_many(["k0", "k9"]) == {"k0": 0, "k9": 9}
     engine.dispose()
+
+
+@citus
+@own_server
+def test_check_warns_when_citus_cannot_log_in_as_the_owner_and_setup_repairs_it(citus, citus_admin, fresh_schema,
+                                                                               owner, capsys):
+    schema = fresh_schema()
+    url = citus.coordinator_url
+    setup_cache(engine=citus_admin, schema=schema, owner=owner, distributed=True, shard_count=2)
+    with citus_admin.begin() as connection:
+        connection.execute(text(f'ALTER ROLE "{owner}" NOLOGIN'))
+    assert main(["--url", url, "--schema", schema, "--owner", owner, "--check"]) == 0
+    assert f"warning: the owner role {owner} cannot log in, so Citus cannot open its connections" in \
+        capsys.readouterr().out
+    assert main(["--url", url, "--schema", schema, "--owner", owner]) == 0
+    status = cache_status(citus_admin, schema, owner=owner)
+    assert status["owner_role"]["login"] is True and status["warnings"] == []
 
 
 @citus
@@ -368,3 +386,54 @@ def test_scram_verifiers_are_what_postgresql_computes(engine, make_role):
         stored = connection.execute(text("SELECT rolpassword FROM pg_authid WHERE rolname = :r"), {"r": name}).scalar()
     iterations, salt = stored.split("$")[1].split(":")
     assert scram_verifier("s3cret!", base64.b64decode(salt), int(iterations)) == stored
+
+
+# -- adding a worker ----------------------------------------------------------------------------------
+
+@citus
+@own_server
+def test_a_worker_added_later_gets_shards_by_block_writes_rebalancing_and_the_owner_s_login_at_setup():
+    """A cluster of its own (coordinator + 1 worker), grown by one worker: UNLOGGED shards move with
+    block_writes, setup gives the new worker the owner's login, and every call works through it."""
+    from citus_cluster import CITUS_SETTINGS, CitusCluster, citus_available
+
+    from fastpgcache.embedded import EmbeddedPostgres
+
+    if not citus_available():
+        pytest.skip("Citus is not built into this virtualenv's embedded PostgreSQL")
+    with CitusCluster(workers=1) as small:
+        admin = create_engine(small.coordinator_url)
+        setup_cache(engine=admin, schema="grown", distributed=True, shard_count=4)
+        with admin.begin() as connection:
+            connection.execute(text("CREATE ROLE grower LOGIN"))
+        old = create_engine(make_url(small.coordinator_url).set(username="grower"))
+        Cache(old, schema="grown").set_many({f"k{i}": i for i in range(40)})
+        added = EmbeddedPostgres(settings=CITUS_SETTINGS).start()
+        try:
+            _scalar(added.url, "CREATE EXTENSION citus")
+            with admin.begin() as connection:
+                connection.execute(text("SELECT citus_add_node('127.0.0.1', :p)"), {"p": added.port})
+            assert main(["--url", small.coordinator_url, "--schema", "grown"]) == 0  # the owner's login, there too
+            assert _scalar(added.url, "SELECT count(*) FROM pg_dist_authinfo") == 1
+            with admin.connect() as connection:
+                connection.execute(text("SELECT rebalance_table_shards(shard_transfer_mode => 'block_writes')"))
+                connection.commit()
+                spread = dict(connection.execute(text(
+                    "SELECT nodeport, count(*) FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid)"
+                    " JOIN pg_dist_node n USING (groupid) WHERE s.logicalrelid = 'grown.cache'::regclass"
+                    " GROUP BY nodeport")).all())
+            assert spread == {small.workers[0].port: 2, added.port: 2}
+            persistence = _scalar(added.url, "SET citus.override_table_visibility = off; SELECT string_agg("
+                                             "DISTINCT relpersistence::text, '') FROM pg_class"
+                                             " WHERE relname ~ '^cache_[0-9]+$'")
+            assert persistence == "u"
+            new = create_engine(make_url(added.url).set(username="grower"))
+            through_new = Cache(new, schema="grown")
+            assert through_new.get_many([f"k{i}" for i in range(40)]) == {f"k{i}": i for i in range(40)}
+            assert through_new.set_many({f"k{i}": -i for i in range(40)}) == 40 and through_new.incr("n") == 1
+            assert Cache(old, schema="grown").get("k39") == -39
+            new.dispose()
+        finally:
+            old.dispose()
+            admin.dispose()
+            added.stop()

@@ -95,7 +95,8 @@ def test_the_flask_backend_and_cached_views_on_a_distributed_table(distributed, 
     client = app.test_client()
     assert [client.get(f"/report/{day}").get_json()["calls"] for day in ("mon", "tue", "mon", "tue")] == [1, 2, 1, 2]
     assert backend.set("a", {"x": (1, 2)}) is True and backend.get("a") == {"x": (1, 2)}
-    assert backend.add("a", 1) is False and backend.set_many({f"k{i}": i for i in range(10)}) == [f"k{i}" for i in range(10)]
+    assert backend.add("a", 1) is False
+    assert backend.set_many({f"k{i}": i for i in range(10)}) == [f"k{i}" for i in range(10)]
     assert backend.get_many("k0", "k9", "none") == [0, 9, None]
     assert backend.inc("n", 3) == 3 and backend.dec("n") == 2
     assert backend.delete_many("k0", "k1") == ["k0", "k1"] and backend.has("k2") and not backend.has("k0")
