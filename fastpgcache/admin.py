@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .catalog import SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, acl_holders, inspect_cache, read_limits
+from .catalog import READ_VERBS, SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, acl_holders, inspect_cache, read_limits
 from .distributed import check_can_distribute, check_shard_count, sync_owner_login
 from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, sqlstate, translate
 from .model import DEFAULT_OWNER, DEFAULT_SCHEMA, DEFAULT_TABLE, routine_name, secrets_table, settings_table, usage_table
@@ -371,7 +371,7 @@ def privilege_statements(connection: Connection, options: MigrationOptions, gran
         " WHERE p.pronamespace OPERATOR(pg_catalog.=) CAST(:schema AS pg_catalog.regnamespace)"
         "   AND p.proname OPERATOR(pg_catalog.~~) :prefix"), {"schema": options.schema,
                                                                "prefix": options.table.replace("_", "\\_") + "\\_%"})
-    public_verbs = {routine_name(options.table, verb) for verb in WRITE_VERBS}
+    public_verbs = {routine_name(options.table, verb) for verb in WRITE_VERBS + READ_VERBS}
     ours = [(signature, name in public_verbs) for signature, name in functions
             if name.startswith(options.table + "_")]
     statements = [f"REVOKE ALL ON {relation} FROM {role}" for relation in relations for role in sorted(everyone)]

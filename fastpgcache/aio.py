@@ -408,7 +408,7 @@ class AsyncCache(Cache):
                         self._remember([normalize_key(key)])
                         return value
             # A live value is there: read once the claim's transaction is over (Citus: see Cache._fill_claimed).
-            value = await self._bound_to(self.bind).get(key, _MISSING)
+            value = await self._unguarded().get(key, _MISSING)
             if value is not _MISSING:
                 return value
         except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:  # connecting or committing; statements translate

@@ -497,7 +497,7 @@ class Cache(Executor):
             # A live value is there (maybe stored while we waited), read once the claim's transaction is over:
             # on Citus the claim wrote the key's shard as the table's owner, and Citus cannot then read that
             # shard as this role in the same transaction.
-            value = self._bound_to(self.bind).get(key, _MISSING)
+            value = self._unguarded().get(key, _MISSING)
             if value is not _MISSING:
                 return value
         return self._fill(key, fn, ttl)
@@ -518,10 +518,16 @@ class Cache(Executor):
             raise problem from (None if problem is error else error)
 
     def _bound_to(self, connection) -> "Cache":
-        # This cache on `connection` (the claim and the store share its transaction), or on the same bind for
-        # the re-read; its reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears.
+        # This cache on one connection, so the claim and the store share one transaction. Its
+        # reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears of it.
+        twin = self._unguarded()
+        twin.bind, twin._leases = connection, None
+        return twin
+
+    def _unguarded(self) -> "Cache":
+        # This cache without the guard, for get_or_set's re-read of what the holder of a claim stored.
         twin = copy.copy(self)
-        twin.bind, twin.guard, twin._leases = connection, None, None
+        twin.guard = None
         return twin
 
     @operation(fallback=answer(None))

@@ -62,6 +62,9 @@ PUBLIC_ROUTINES = ("enroll", "set", "set_many", "delete", "expire", "incr", "cle
 
 INTERNAL_ROUTINES = ("hold", "charge", "announce", "cull", "cleanup_all")
 
+READ_ROUTINES = ("key_array",)
+"""Plain functions the reads call (ordinary roles may EXECUTE them; they run as the caller)."""
+
 
 class _Names:
     """Quoted, schema-qualified names of everything this revision creates for one cache table."""
@@ -75,7 +78,7 @@ class _Names:
         self.secrets = f"{self.schema}.{quote(secrets_table(options.table).name)}"
         self.settings = f"{self.schema}.{quote(settings_table(options.table).name)}"
         self.usage = f"{self.schema}.{quote(usage_table(options.table).name)}"
-        for verb in PUBLIC_ROUTINES + INTERNAL_ROUTINES:
+        for verb in PUBLIC_ROUTINES + INTERNAL_ROUTINES + READ_ROUTINES:
             setattr(self, verb, f"{self.schema}.{quote(routine_name(options.table, verb))}")
 
     def sql(self, template: str) -> str:
@@ -540,18 +543,31 @@ END"""),
 }
 
 
+# get_many's batch of keys, from the text of an array literal. IMMUTABLE, so the planner computes the array
+# before planning (a cast of text to text[] stays an expression until execution): on Citus the query then
+# goes only to the shards of those keys (at 32 shards, get_many of 5 keys 0.7 ms instead of 3.9 ms).
+# Its SET clause keeps it from being inlined back into that cast.
+_READ_FUNCTIONS = {
+    "key_array": ("(p_keys text)", "text[] LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE "
+                  "SET search_path = pg_catalog, pg_temp AS $body$ SELECT CAST(p_keys AS text[]) $body$"),
+}
+
+
 def function_statements(names: _Names) -> list[str]:
-    """CREATE FUNCTION statements of every write function, helpers first."""
+    """CREATE FUNCTION statements of every write function, helpers first, then the reads' functions."""
     statements = []
     for verb in INTERNAL_ROUTINES + PUBLIC_ROUTINES:
         arguments, returns, body = _FUNCTIONS[verb]
         statements.append(names.sql(f"CREATE FUNCTION {{{verb}}}{arguments} "
                                     + _HEADER.format(returns=returns) + body + "\n$body$"))
+    for verb in READ_ROUTINES:
+        arguments, definition = _READ_FUNCTIONS[verb]
+        statements.append(f"CREATE FUNCTION {getattr(names, verb)}{arguments} RETURNS {definition}")
     return statements
 
 
 def _function_signatures(names: _Names, verbs) -> list[str]:
-    return [f"{getattr(names, verb)}{_FUNCTIONS[verb][0]}" for verb in verbs]
+    return [f"{getattr(names, verb)}{(_FUNCTIONS.get(verb) or _READ_FUNCTIONS[verb])[0]}" for verb in verbs]
 
 
 def _ensure_owner(names: _Names) -> None:
@@ -603,7 +619,7 @@ def upgrade() -> None:
         run(statement)
     for relation in (names.cache, names.secrets, names.settings, names.usage):
         run(f"ALTER TABLE {relation} OWNER TO {names.owner}")
-    for signature in _function_signatures(names, INTERNAL_ROUTINES + PUBLIC_ROUTINES):
+    for signature in _function_signatures(names, INTERNAL_ROUTINES + PUBLIC_ROUTINES + READ_ROUTINES):
         run(f"ALTER FUNCTION {signature} OWNER TO {names.owner}")
     for statement in privilege_statements(bind, options, grantees):
         run(statement)
@@ -616,7 +632,7 @@ def downgrade() -> None:
         run_ddl(bind, statement)
 
     grantees = readers(bind, names.options)
-    for signature in _function_signatures(names, PUBLIC_ROUTINES + INTERNAL_ROUTINES):
+    for signature in _function_signatures(names, PUBLIC_ROUTINES + INTERNAL_ROUTINES + READ_ROUTINES):
         run(f"DROP FUNCTION IF EXISTS {signature}")
     for relation in (names.secrets, names.settings, names.usage):
         run(f"DROP TABLE IF EXISTS {relation}")
