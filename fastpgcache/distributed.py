@@ -304,4 +304,5 @@ def multi_host_url(urls: Sequence[str | URL], *, load_balance: bool = True) -> U
     query["host"] = tuple(hosts)
     if load_balance and len(hosts) > 1:
         query["load_balance_hosts"] = "random"
-    return first.set(host=None, port=None, query=query)
+    # URL.set() ignores None, so the first URL's own host and port are dropped with _replace.
+    return first._replace(host=None, port=None).set(query=query)

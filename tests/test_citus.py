@@ -437,6 +437,7 @@ def test_multi_host_url_refuses_lists_it_cannot_merge():
         multi_host_url("postgresql+psycopg2://a@h1/db")
     merged = multi_host_url(["postgresql+psycopg2://a@h1:5433/db?sslmode=require", "postgresql+psycopg2://a@h2/db"])
     assert merged.query == {"sslmode": "require", "host": ("h1:5433", "h2"), "load_balance_hosts": "random"}
+    assert merged.host is None and merged.port is None  # only the query names hosts
 
 
 # -- failsafe with a worker down (last: it restarts a worker of the session's cluster) ------------------
