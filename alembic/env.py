@@ -8,10 +8,10 @@ cache schema, so it never meets an application's own `alembic_version`.
 """
 import os
 
-from alembic import context
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy import exc as sa_exc
 
+from alembic import context
 from fastpgcache.admin import KEEP_SCHEMA, VERSION_TABLE, MigrationOptions
 from fastpgcache.catalog import SEARCH_PATH
 from fastpgcache.distributed import apply_distribution, sync_owner_login

@@ -150,12 +150,12 @@ def plain_postgresql(args, report: dict) -> None:
             for name, cache in contenders.items():
                 for op, fn in single_key_ops(cache, keys).items():
                     rounds[name][op].append(meter.run(fn, args.calls))
-                rounds[name]["set_many_1000"].append(meter.run(lambda i: cache.set_many(batch), 3))
+                rounds[name]["set_many_1000"].append(meter.run(lambda i, cache=cache: cache.set_many(batch), 3))
         report["plain"] = {name: {op: median_of(r) for op, r in ops.items()} for name, ops in rounds.items()}
         if "baseline" in rounds:
             # Per round, this checkout's time over main's (interleaved, so both saw the same machine).
             report["plain_ratio_branch_to_baseline"] = {op: round(statistics.median(
-                b["us"] / a["us"] for a, b in zip(rounds["baseline"][op], rounds["branch"][op])), 3)
+                b["us"] / a["us"] for a, b in zip(rounds["baseline"][op], rounds["branch"][op], strict=True)), 3)
                 for op in rounds["branch"]}
         for cache in contenders.values():
             cache.bind.dispose()
@@ -222,8 +222,8 @@ def citus_cluster(args, report: dict) -> None:
             for schema in ("delegated", "eight"):
                 cache = role_cache(cluster.coordinator_url, role, schema)
                 cache.set_many(batch)
-                found = [meter.run(lambda i: cache.set_many(batch), 3) for _ in range(args.rounds)]
-                read = [meter.run(lambda i: cache.get_many(wanted), 20) for _ in range(args.rounds)]
+                found = [meter.run(lambda i, cache=cache: cache.set_many(batch), 3) for _ in range(args.rounds)]
+                read = [meter.run(lambda i, cache=cache: cache.get_many(wanted), 20) for _ in range(args.rounds)]
                 shards = "32" if schema == "delegated" else "8"
                 batches[f"set_many(1000), {shards} shards, {conns} cached conns"] = median_of(found)
                 batches[f"get_many(100), {shards} shards, {conns} cached conns"] = median_of(read)
@@ -246,8 +246,8 @@ def round_trips(cluster: CitusCluster, role: str) -> dict:
             raw = connection.connection.dbapi_connection
             connection.exec_driver_sql("SET citus.log_remote_commands = on")
             keys = [f"k{i}" for i in range(10)]
-            calls = {"set": lambda: cache.set("rt", 1), "get": lambda: cache.get("rt"),
-                     "incr": lambda: cache.incr("rt:n"), "get_many(10)": lambda: cache.get_many(keys)}
+            calls = {"set": lambda c=cache: c.set("rt", 1), "get": lambda c=cache: c.get("rt"),
+                     "incr": lambda c=cache: c.incr("rt:n"), "get_many(10)": lambda c=cache, k=keys: c.get_many(k)}
             for op, call in calls.items():
                 del raw.notices[:]
                 call()

@@ -17,7 +17,15 @@ from sqlalchemy.engine import Connection, Engine
 from .catalog import READ_VERBS, SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, acl_holders, inspect_cache, read_limits
 from .distributed import check_can_distribute, check_shard_count, sync_owner_login
 from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, sqlstate, translate
-from .model import DEFAULT_OWNER, DEFAULT_SCHEMA, DEFAULT_TABLE, routine_name, secrets_table, settings_table, usage_table
+from .model import (
+    DEFAULT_OWNER,
+    DEFAULT_SCHEMA,
+    DEFAULT_TABLE,
+    routine_name,
+    secrets_table,
+    settings_table,
+    usage_table,
+)
 
 __all__ = ["VERSION_TABLE", "MigrationOptions", "cache_status", "main", "migrations_dir", "set_logged", "setup_cache"]
 
@@ -87,7 +95,7 @@ class MigrationOptions:
             raise ValueError("a shard count applies to a distributed table only; drop shard_count or distributed=False")
 
     @classmethod
-    def from_x_arguments(cls, x: dict) -> "MigrationOptions":
+    def from_x_arguments(cls, x: dict) -> MigrationOptions:
         """From `alembic -x schema=... -x table=... -x logged=true -x grant_to=ROLE -x owner=ROLE
         -x distributed=true -x shard_count=N`.
 

@@ -17,7 +17,8 @@ import asyncio
 import collections
 import functools
 import inspect
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL
@@ -30,8 +31,14 @@ except ImportError as missing:  # greenlet is not installed
     raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
 
 from .cache import _MISSING, Cache, _call_key, _check_wait, _negate
-from .errors import (CacheConnectionError, check_positive_int, check_positive_seconds, connection_hint,
-                     pool_timeout_error, raise_translated)
+from .errors import (
+    CacheConnectionError,
+    check_positive_int,
+    check_positive_seconds,
+    connection_hint,
+    pool_timeout_error,
+    raise_translated,
+)
 from .execution import _is_read, compile_for, watched
 from .failsafe import DATABASE_ERRORS
 from .keys import normalize_key, normalize_ttl, pattern_regex
@@ -507,7 +514,7 @@ class AsyncFastPgCache(AsyncCache):
 
         return f"<AsyncFastPgCache {hide_secrets(repr(self.bind.url))} {self._where}>"
 
-    async def open(self, minconn: int = 1) -> "AsyncFastPgCache":
+    async def open(self, minconn: int = 1) -> AsyncFastPgCache:
         """Open `minconn` connections now, so a wrong host or password fails here; returns self."""
         leases = []
         try:
@@ -531,7 +538,7 @@ class AsyncFastPgCache(AsyncCache):
         if self._guard_engine is not None:
             self._guard_engine.dispose()
 
-    async def __aenter__(self) -> "AsyncFastPgCache":
+    async def __aenter__(self) -> AsyncFastPgCache:
         return await self.open()
 
     async def __aexit__(self, *exc) -> None:
@@ -556,7 +563,7 @@ def _async_url(url: str | URL | None) -> URL:
 def _as_server_settings(options: str) -> dict:
     # libpq's "-c name=value" options as asyncpg's server_settings.
     parts = options.split()
-    return dict(part.split("=", 1) for flag, part in zip(parts, parts[1:]) if flag == "-c")
+    return dict(part.split("=", 1) for flag, part in zip(parts, parts[1:], strict=False) if flag == "-c")
 
 
 async def _computed(fn):

@@ -4,14 +4,15 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from . import codec
 from .errors import CachePermissionError, CacheTimeoutError, check_positive_int, pool_timeout_error, sqlstate, translate
-from .execution import (Executor, all_rows, answer, first_row, nothing, operation, returned_any, scalar, scalars)
+from .execution import Executor, all_rows, answer, first_row, nothing, operation, returned_any, scalar, scalars
 from .expiry import NOTHING_DUE, ExpiryOnWrite
 from .failsafe import DATABASE_ERRORS, Failsafe
 from .identity import Identity
@@ -406,8 +407,9 @@ class Cache(Executor):
         database `errors` and the `last_error` (failsafe.py), and rows it removed on
         write: `expired_on_write` and `trimmed` past max_entries (expiry.py)::
 
-            cache.stats()   # {'entries': 3, 'expired': 0, 'hits': 10, 'misses': 2, 'guard_skips': 40, 'guard': 'trusted',
-                            #  'errors': 0, 'last_error': None, 'expired_on_write': 0, 'trimmed': 0}
+            cache.stats()   # {'entries': 3, 'expired': 0, 'hits': 10, 'misses': 2, 'guard_skips': 40,
+                            #  'guard': 'trusted', 'errors': 0, 'last_error': None, 'expired_on_write': 0,
+                            #  'trimmed': 0}
         """
         live, expired = yield self._s.count, {}, first_row
         return {"entries": live, "expired": expired, **self._counters()}
@@ -517,14 +519,14 @@ class Cache(Executor):
         if not self._failsafe.absorb(problem, "get_or_set"):
             raise problem from (None if problem is error else error)
 
-    def _bound_to(self, connection) -> "Cache":
+    def _bound_to(self, connection) -> Cache:
         # This cache on one connection, so the claim and the store share one transaction. Its
         # reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears of it.
         twin = self._unguarded()
         twin.bind, twin._leases = connection, None
         return twin
 
-    def _unguarded(self) -> "Cache":
+    def _unguarded(self) -> Cache:
         # This cache without the guard, for get_or_set's re-read of what the holder of a claim stored.
         twin = copy.copy(self)
         twin.guard = None

@@ -219,7 +219,8 @@ class CacheCatalog:
                 return [f"{where} has no write function {routine_name(self.table, verb)}; upgrade it with "
                         "fastpgcache-admin"]
             for row in rows:
-                if row.owner != entries.owner or not row.prosecdef or "search_path=pg_catalog" not in (row.config or ""):
+                pinned = "search_path=pg_catalog" in (row.config or "")
+                if row.owner != entries.owner or not row.prosecdef or not pinned:
                     found.append(f"function {self.schema}.{row.proname}({row.arguments}) is not the table owner's "
                                  "SECURITY DEFINER function with a fixed search_path; rerun fastpgcache-admin")
         if self.write_grants():

@@ -22,7 +22,7 @@ import base64
 import hashlib
 import hmac
 import secrets
-from typing import Sequence
+from collections.abc import Sequence
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, make_url

@@ -64,7 +64,8 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
         hint = getattr(getattr(error.orig, "diag", None), "message_hint", None)
         return CacheLimitError(f"{first_line(error)} (in {where}){f'; {hint}' if hint else ''}")
     if state == "42883" and "function" in first_line(error):  # undefined_function: an older table
-        return CacheNotSetUpError(f"cache table {where} has no write functions yet: {SETUP_HINT.replace('create', 'upgrade')}")
+        return CacheNotSetUpError(f"cache table {where} has no write functions yet: "
+                                  f"{SETUP_HINT.replace('create', 'upgrade')}")
     if state in ("42P01", "3F000"):  # undefined_table, invalid_schema_name
         return CacheNotSetUpError(f"cache table {where} does not exist: {SETUP_HINT}")
     if state == "42501":  # insufficient_privilege, including row-level security refusals

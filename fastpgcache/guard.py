@@ -69,7 +69,7 @@ BATCH_SECONDS = 0.005
 """After taking notifications the listener sleeps this long (without the GIL), so a busy table wakes it at
 most 200 times a second instead of once per write; another process's key is seen this much later."""
 
-_RUNNING: "weakref.WeakSet[NegativeLookupGuard]" = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[NegativeLookupGuard] = weakref.WeakSet()
 
 
 def listen_sql(channel: str) -> str:
@@ -203,7 +203,7 @@ class NegativeLookupGuard:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def start(self) -> "NegativeLookupGuard":
+    def start(self) -> NegativeLookupGuard:
         """Start listening and warming in a background thread; returns self."""
         try:
             import pybloomfilter  # noqa: F401

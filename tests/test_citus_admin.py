@@ -345,7 +345,7 @@ def test_only_citus_can_log_in_as_the_owner(citus, citus_admin, fresh_schema, ci
     hba = [node.data_dir / "pg_hba.conf" for node in citus.nodes]
     originals = [path.read_text() for path in hba]
     try:
-        for path, original in zip(hba, originals):
+        for path, original in zip(hba, originals, strict=True):
             path.write_text(f'host all "{owner}" 127.0.0.1/32 scram-sha-256\n' + original)
         for url in [citus.coordinator_url, *citus.worker_urls]:
             _scalar(url, "SELECT pg_reload_conf()")
@@ -369,7 +369,7 @@ def test_only_citus_can_log_in_as_the_owner(citus, citus_admin, fresh_schema, ci
             with pytest.raises(sa_exc.ProgrammingError, match="permission denied to set role"):
                 connection.execute(text(f'SET ROLE "{owner}"'))
     finally:
-        for path, original in zip(hba, originals):
+        for path, original in zip(hba, originals, strict=True):
             path.write_text(original)
         for url in [citus.coordinator_url, *citus.worker_urls]:
             _scalar(url, "SELECT pg_reload_conf()")

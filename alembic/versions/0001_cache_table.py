@@ -4,9 +4,9 @@ Revision ID: 0001_cache_table
 Revises:
 Create Date: 2026-11-25
 """
-from alembic import context, op
 from sqlalchemy import MetaData
 
+from alembic import context, op
 from fastpgcache.model import cache_table
 
 revision = "0001_cache_table"

@@ -31,9 +31,9 @@ Revision ID: 0004_write_functions
 Revises: 0003_fillfactor
 Create Date: 2026-11-29
 """
-from alembic import context, op
 from sqlalchemy import MetaData, text
 
+from alembic import context, op
 from fastpgcache.admin import privilege_statements, quote_role, readers, run_ddl
 from fastpgcache.catalog import distribution_of, owner_serves_citus
 from fastpgcache.distributed import citus_manages_login, release_owner_login
@@ -124,7 +124,8 @@ _SIZE_CHECK = """
     END IF;
     IF octet_length(p_value) > v_max_value THEN
         RAISE EXCEPTION 'value is % bytes; this cache takes at most % bytes per value', octet_length(p_value),
-              v_max_value USING ERRCODE = 'FC001', HINT = 'the admin sets the limit: fastpgcache-admin --max-value-bytes';
+              v_max_value USING ERRCODE = 'FC001',
+              HINT = 'the admin sets the limit: fastpgcache-admin --max-value-bytes';
     END IF;"""
 
 # A key that is new to the table is announced on the role's channel, unless the queue is filling up.
@@ -170,10 +171,12 @@ BEGIN
         UPDATE {usage} AS u SET entries = u.entries - v_freed, bytes = u.bytes - v_freed_bytes
          WHERE u.user_id = p_user RETURNING u.entries, u.bytes INTO v_entries, v_bytes;
         IF (p_entries > 0 AND v_entries > v_quota_entries) OR (p_bytes > 0 AND v_bytes > v_quota_bytes) THEN
-            RAISE EXCEPTION 'quota exceeded: this role would hold % entries and % bytes; its quota is % entries and % bytes',
+            RAISE EXCEPTION 'quota exceeded: this role would hold % entries and % bytes; '
+                            'its quota is % entries and % bytes',
                   v_entries, v_bytes, coalesce(v_quota_entries::text, 'any'), coalesce(v_quota_bytes::text, 'any')
                   USING ERRCODE = 'FC002',
-                        HINT = 'delete or expire entries, or ask the admin to raise the quota (fastpgcache-admin --quota-entries/--quota-bytes)';
+                        HINT = 'delete or expire entries, or ask the admin to raise the quota '
+                               '(fastpgcache-admin --quota-entries/--quota-bytes)';
         END IF;
     END IF;
 END"""),
