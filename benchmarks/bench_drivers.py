@@ -18,8 +18,9 @@ Contenders, every one on the same server in the same run:
 Every contender encodes and decodes values with fastpgcache.codec, so the ratios show the rest of the work.
 
 Workloads: `get` of existing keys, `set` overwriting existing keys (a 100-byte JSON value), one call at a
-time; an async negative lookup with a warm guard; and 100 asyncio tasks sharing 10 connections (ops/s).
-Each contender runs in every round, in rotating order. Ratios are to the row named in the table.
+time; an async negative lookup with a warm guard; and 100 asyncio tasks sharing 10 connections (median ops/s
+of 2 x rounds + 1 rounds). Each contender runs in every round, in rotating order. Ratios are to the row named
+in the table.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from fastpgcache.execution import compile_for
 VALUE = {"name": "Alice", "roles": ["admin", "dev"], "pad": "x" * 60}
 ENCODED = encode_json(VALUE)
 KEYS = [f"user:{i}" for i in range(1000)]
-TASKS, TASK_CONNECTIONS, TASK_OPS = 100, 10, 40
+TASKS, TASK_CONNECTIONS, TASK_OPS = 100, 10, 20
 
 
 def driver_url(url: URL, driver: str) -> URL:
@@ -216,17 +217,16 @@ def run_rounds(blocking: dict, async_: dict, loop, rounds: int, calls: int, inte
     return samples
 
 
-async def throughput(worker_factory, tasks: int, ops: int) -> float:
-    """ops/s of `tasks` tasks doing get then set `ops` times, sharing what `worker_factory` made."""
-    async def task(index, worker):
+async def throughput(worker, tasks: int, ops: int) -> float:
+    """ops/s of `tasks` tasks doing get then set `ops` times, sharing `worker`."""
+    async def task(index):
         for i in range(ops):
             key = KEYS[(index * ops + i) % len(KEYS)]
             await worker.get(key)
             await worker.set(key, VALUE)
 
-    worker = await worker_factory()
     started = time.perf_counter()
-    await asyncio.gather(*(task(index, worker) for index in range(tasks)))
+    await asyncio.gather(*(task(index) for index in range(tasks)))
     return tasks * ops * 2 / (time.perf_counter() - started)
 
 
@@ -343,7 +343,7 @@ def main() -> None:
             samples = run_rounds(blocking, async_, loop, rounds, calls, args.interleave)
             p50 = summarise(samples)
             negative = loop.run_until_complete(_async_negative_lookup(url, schema, calls))
-            tasks = loop.run_until_complete(_tasks(url, schema, args.redis, lib2))
+            tasks = loop.run_until_complete(_tasks(url, schema, args.redis, lib2, 2 * rounds + 1))
         finally:
             pinned.undo()
         _print(p50, negative, tasks, pinned.note, args, lib2.bind.dialect.server_version_info)
@@ -370,8 +370,9 @@ async def _async_negative_lookup(url: URL, schema: str, calls: int) -> float:
         return statistics.median(await timed_async(client.get, keys))
 
 
-async def _tasks(url: URL, schema: str, redis_url: str | None, statements) -> dict:
-    """ops/s of TASKS tasks sharing TASK_CONNECTIONS connections: the library and each raw driver."""
+async def _tasks(url: URL, schema: str, redis_url: str | None, statements, rounds: int) -> dict:
+    """Median ops/s of TASKS tasks sharing TASK_CONNECTIONS connections, over `rounds` rounds in which every
+    contender (the library and each raw driver) runs once, in rotating order."""
     import asyncpg
 
     results, clients, dialects = {}, [], {}
@@ -397,25 +398,25 @@ async def _tasks(url: URL, schema: str, redis_url: str | None, statements) -> di
         return SharedConnections(connections, lambda connection: AsyncReplayAsyncpg(connection, sql))
 
     try:
-        results["AsyncFastPgCache psycopg 3"] = await throughput(lambda: library("psycopg"), TASKS, TASK_OPS)
-        results["async psycopg 3, library SQL"] = await throughput(raw_psycopg, TASKS, TASK_OPS)
-        results["AsyncFastPgCache asyncpg"] = await throughput(lambda: library("asyncpg"), TASKS, TASK_OPS)
-        results["asyncpg, library SQL"] = await throughput(raw_asyncpg, TASKS, TASK_OPS)
+        workers = {"AsyncFastPgCache psycopg 3": await library("psycopg"),
+                   "async psycopg 3, library SQL": await raw_psycopg(),
+                   "AsyncFastPgCache asyncpg": await library("asyncpg"),
+                   "asyncpg, library SQL": await raw_asyncpg()}
         if redis_url:
             import redis.asyncio
 
             pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=TASK_CONNECTIONS)
             client = redis.asyncio.Redis(connection_pool=pool)  # waits for a connection, as the others do
             clients.append(client)
-
-            async def redis_worker():
-                return RedisAsync(client, f"bench_drivers:{schema}:")
-
-            results["redis.asyncio"] = await throughput(redis_worker, TASKS, TASK_OPS)
+            workers["redis.asyncio"] = RedisAsync(client, f"bench_drivers:{schema}:")
+        names = list(workers)
+        for round_ in range(rounds):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                results.setdefault(name, []).append(await throughput(workers[name], TASKS, TASK_OPS))
     finally:
         for client in clients:
             await (client.aclose() if hasattr(client, "aclose") else client.close())
-    return results
+    return {name: statistics.median(values) for name, values in results.items()}
 
 
 def _print(p50: dict, negative: float, tasks: dict, note: str, args, version) -> None:

@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -26,6 +27,9 @@ from .model import (
     settings_table,
     usage_table,
 )
+
+if TYPE_CHECKING:
+    from .databricks import DatabricksTokenProvider
 
 __all__ = ["VERSION_TABLE", "MigrationOptions", "cache_status", "main", "migrations_dir", "set_logged", "setup_cache"]
 
@@ -154,7 +158,10 @@ def head_revision() -> str:
 
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
-    return ScriptDirectory.from_config(config).get_current_head()
+    head = ScriptDirectory.from_config(config).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found in {migrations_dir()}: reinstall fastpgcache")
+    return head
 
 
 def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table: str = DEFAULT_TABLE,
@@ -172,6 +179,11 @@ def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table:
                 return cache_status(connection, schema, table, owner)
         except sa_exc.DBAPIError as error:
             raise_translated(error, f"{schema}.{table}")
+    return _status(bind, schema, table, owner)
+
+
+def _status(bind: Connection, schema: str, table: str, owner: str) -> dict:
+    # cache_status on a connection.
     catalog = inspect_cache(bind, schema, table, owner)
     entries, version = catalog.entries, catalog.relation("version")
     trusted_version = version is not None and version.relkind == "r" and version.owner in catalog.trusted \
@@ -181,31 +193,32 @@ def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table:
         quoted = f"{bind.dialect.identifier_preparer.quote(schema)}.{VERSION_TABLE}"
         revision = bind.execute(text(f"SELECT version_num FROM {quoted}")).scalar()
     problems = catalog.problems(revision_at_head=revision == head_revision())
-    status = {"schema": schema, "table": table, "exists": entries is not None and entries.relkind == "r",
+    warnings: list[str] = []
+    status: dict[str, Any] = {"schema": schema, "table": table, "exists": entries is not None and entries.relkind == "r",
               "unlogged": bool(entries and entries.relpersistence == "u"),
               "row_level_security": bool(entries and entries.relrowsecurity),
               "forced_row_level_security": bool(entries and entries.relforcerowsecurity),
               "revision": revision, "owner": entries.owner if entries else None,
-              "grants": entries.acl if entries else None, "problems": problems, "warnings": [], "limits": {},
+              "grants": entries.acl if entries else None, "problems": problems, "warnings": warnings, "limits": {},
               "readers": acl_holders(entries.acl, "r", entries.owner) if entries else [],
               "callers": catalog.callers()}
     if catalog.public_may_create:
-        status["warnings"].append(f"PUBLIC may CREATE in schema {schema}, so any role can plant functions there; "
+        warnings.append(f"PUBLIC may CREATE in schema {schema}, so any role can plant functions there; "
                                   f"run: REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC")
     if catalog.write_grants():
-        status["warnings"].append("roles may write the table directly, bypassing the write functions and "
+        warnings.append("roles may write the table directly, bypassing the write functions and "
                                   f"their limits: {', '.join(catalog.write_grants())}; rerun fastpgcache-admin")
     role = catalog.role
     status["distribution"] = _distribution_status(catalog)
-    status["warnings"] += _distribution_warnings(catalog)
+    warnings += _distribution_warnings(catalog)
     if role is not None:
         status["owner_role"] = {"name": role.rolname, "login": role.rolcanlogin, "members": role.members}
         # On Citus the owner logs in (distributed.py), with a password only pg_dist_authinfo holds.
         if role.rolsuper or (role.rolcanlogin and not catalog.owner_serves_citus):
-            status["warnings"].append(f"the owner role {role.rolname} can log in or is a superuser; "
+            warnings.append(f"the owner role {role.rolname} can log in or is a superuser; "
                                       f"make it NOLOGIN NOSUPERUSER")
         elif catalog.distributed is not None and not role.rolcanlogin:
-            status["warnings"].append(f"the owner role {role.rolname} cannot log in, so Citus cannot open its "
+            warnings.append(f"the owner role {role.rolname} cannot log in, so Citus cannot open its "
                                       "connections to the workers and every write fails; rerun fastpgcache-admin "
                                       "--distributed")
     settings = catalog.relation("settings")
@@ -422,10 +435,13 @@ def set_limits(connection: Connection, options: MigrationOptions, *, max_value_b
     table = options.qualified_table(connection.dialect)
     before = read_limits(connection, settings)
     had_quota = before.get("quota_entries") is not None or before.get("quota_bytes") is not None
+    # Typed parameters: psycopg 3 binds on the server, which cannot guess the type of a bare NULL.
     connection.execute(text(
-        f"UPDATE {settings} SET max_value_bytes = coalesce(:max_value, max_value_bytes),"
-        " quota_entries = CASE WHEN :entries IS NULL THEN quota_entries ELSE NULLIF(:entries, 0) END,"
-        " quota_bytes = CASE WHEN :bytes IS NULL THEN quota_bytes ELSE NULLIF(:bytes, 0) END"),
+        f"UPDATE {settings} SET max_value_bytes = coalesce(CAST(:max_value AS bigint), max_value_bytes),"
+        " quota_entries = CASE WHEN CAST(:entries AS bigint) IS NULL THEN quota_entries"
+        " ELSE NULLIF(CAST(:entries AS bigint), 0) END,"
+        " quota_bytes = CASE WHEN CAST(:bytes AS bigint) IS NULL THEN quota_bytes"
+        " ELSE NULLIF(CAST(:bytes AS bigint), 0) END"),
         {"max_value": max_value_bytes, "entries": quota_entries, "bytes": quota_bytes})
     after = read_limits(connection, settings)
     has_quota = after["quota_entries"] is not None or after["quota_bytes"] is not None
@@ -578,7 +594,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine_for(args) -> tuple[Engine, object]:
+def _engine_for(args) -> tuple[Engine, DatabricksTokenProvider | None]:
     from .client import build_url
 
     provider = None

@@ -25,12 +25,12 @@ from sqlalchemy.engine import URL
 
 try:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-    from sqlalchemy.pool import AsyncAdaptedQueuePool
+    from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
     from sqlalchemy.util import greenlet_spawn
 except ImportError as missing:  # greenlet is not installed
     raise ImportError("AsyncCache needs the `asyncio` extra: pip install 'fastpgcache[asyncio]'") from missing
 
-from .cache import _MISSING, Cache, _call_key, _check_wait, _negate
+from .cache import _MISSING, BaseCache, Cache, _call_key, _check_wait, _negate
 from .errors import (
     CacheConnectionError,
     check_positive_int,
@@ -65,6 +65,9 @@ class Buffered:
         return rows
 
 
+_TUPLES_OK = 2  # libpq's PGRES_TUPLES_OK: a result with rows
+
+
 class _Psycopg:
     """psycopg 3's AsyncConnection: its own cursor, pyformat parameters, the autocommit switch."""
 
@@ -78,7 +81,9 @@ class _Psycopg:
     async def run(lease_or_driver, sql: str, values) -> Buffered:
         cursor = lease_or_driver.cursor if isinstance(lease_or_driver, Lease) else lease_or_driver.cursor()
         await cursor.execute(sql, values)
-        rows = await cursor.fetchall() if cursor.description else []
+        # The result's status, not cursor.description: that builds a Column object per column, every call.
+        result = cursor.pgresult
+        rows = await cursor.fetchall() if result is not None and result.status == _TUPLES_OK else []
         return Buffered(rows, cursor.rowcount)
 
     @staticmethod
@@ -123,7 +128,15 @@ class AsyncLeases(ConnectionLeases):
     def __init__(self, engine, keep: int = 0):
         super().__init__(engine, keep)
         self._held = 0  # connections checked out of the pool for this stack: busy or idle
-        self._takers: collections.deque = collections.deque()  # callers waiting for a busy one
+        # Callers waiting for a busy one, first come first served: (future, deadline on the loop's clock).
+        self._takers: collections.deque = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None  # fires at the first waiter's deadline
+
+    def take_idle(self) -> Lease | None:
+        """The idle connection on top, if its server has not hung up, without awaiting; else None: `take()`."""
+        if self._idle and not self._idle[-1].hung_up():
+            return self._idle.pop()
+        return None
 
     async def take(self) -> Lease:
         while True:
@@ -145,30 +158,40 @@ class AsyncLeases(ConnectionLeases):
             await greenlet_spawn(lease.invalidate)
 
     async def _handed_over(self) -> Lease:
-        # Every held connection is busy: wait (at most the pool's timeout) for one given back. A timer
-        # rather than asyncio.wait_for: wait_for costs the waiter a second trip round the event loop,
-        # and 100 tasks on 10 connections ran at 0.57 of a raw driver's rate with it.
+        # Every held connection is busy: wait (at most the pool's timeout) for one given back. One timer
+        # for all waiters rather than asyncio.wait_for or a timer each: wait_for costs the waiter a second
+        # trip round the event loop, and 100 tasks on 10 connections ran at 0.57 of a raw driver's rate.
         loop = asyncio.get_running_loop()
         taker = loop.create_future()
-        self._takers.append(taker)
-        timer = loop.call_later(self.engine.pool.timeout(), _time_up, taker)
+        pool = self.engine.pool
+        # Only a pool of fixed size (a QueuePool) keeps connections, so only its callers wait here.
+        self._takers.append((taker, loop.time() + (pool.timeout() if isinstance(pool, QueuePool) else 30)))
+        if self._timer is None:
+            self._timer = loop.call_at(self._takers[0][1], self._time_up)
         try:
             return await taker
         except asyncio.CancelledError:
             if taker.done() and not taker.cancelled() and taker.exception() is None:
                 await self.give_back(taker.result())  # handed a connection just as the caller gave up
             raise
-        finally:
-            timer.cancel()
-            if taker in self._takers:
-                self._takers.remove(taker)
 
-    def _pass_on(self, lease: Lease) -> bool:
-        # To the first caller still waiting, else onto the idle stack; False: it must go back to the pool.
+    def _time_up(self) -> None:
+        # Fail the waiters whose deadline passed with every connection still busy; wake at the next one's.
+        loop = asyncio.get_running_loop()
+        self._timer = None
+        while self._takers and (self._takers[0][0].done() or self._takers[0][1] <= loop.time()):
+            taker, _ = self._takers.popleft()
+            if not taker.done():
+                taker.set_exception(sa_exc.TimeoutError("no connection was given back in time"))
+        if self._takers:
+            self._timer = loop.call_at(self._takers[0][1], self._time_up)
+
+    def pass_on(self, lease: Lease) -> bool:
+        """Hand `lease` to the first caller waiting, else keep it idle, without awaiting; False: `give_back()` it."""
         if self._waiting or self._closed or not lease.is_valid:
             return False
         while self._takers:
-            taker = self._takers.popleft()
+            taker, _ = self._takers.popleft()
             if not taker.done():
                 taker.set_result(lease)
                 return True
@@ -178,7 +201,7 @@ class AsyncLeases(ConnectionLeases):
         return False
 
     async def give_back(self, lease: Lease) -> None:
-        if not self._pass_on(lease):
+        if not self.pass_on(lease):
             self._held -= 1
             await greenlet_spawn(self.release, lease)  # closed or invalidated, in the pool's own ways
 
@@ -192,12 +215,6 @@ class AsyncLeases(ConnectionLeases):
         self._held -= before - len(self._idle)
 
 
-def _time_up(taker: asyncio.Future) -> None:
-    # The pool's timeout passed with every connection still busy.
-    if not taker.done():
-        taker.set_exception(sa_exc.TimeoutError("no connection was given back in time"))
-
-
 class AsyncLeasingQueuePool(AsyncAdaptedQueuePool, LeasingQueuePool):
     """`LeasingQueuePool` for asyncio engines: a checkout from the pool itself may take back an idle
     connection a cache holds."""
@@ -209,8 +226,21 @@ def _awaitable(operation):
 
     @functools.wraps(operation)
     async def run(self, *args, **kwargs):
+        # Drives the steps itself (Executor._drive, awaited): every coroutine layer here is crossed again
+        # at each resume, and with 100 tasks on 10 connections each call resumes twice.
         try:
-            result = await self._drive(steps(self, *args, **kwargs))
+            walk = steps(self, *args, **kwargs)
+            try:
+                request = next(walk)
+                while True:
+                    try:
+                        answer = await self._execute(*request)
+                    except Exception as error:
+                        request = walk.throw(error)
+                    else:
+                        request = walk.send(answer)
+            except StopIteration as done:
+                result = done.value
         except DATABASE_ERRORS as error:
             return self._fall_back(run, error, args, kwargs)
         if self._failsafe.failing:
@@ -221,7 +251,7 @@ def _awaitable(operation):
     return run
 
 
-class AsyncCache(Cache):
+class AsyncCache(BaseCache):
     """`Cache` for asyncio: the same methods, semantics and errors, each one awaited.
 
     Binds to an `AsyncEngine` (each call its own short transaction), an
@@ -240,6 +270,7 @@ class AsyncCache(Cache):
 
     _bind_types: tuple = (AsyncSession, AsyncConnection, AsyncEngine)
     _engine_type: type = AsyncEngine
+    _leases: AsyncLeases | None
 
     def __init__(self, bind, **options):
         guard = options.pop("guard", None)
@@ -259,31 +290,49 @@ class AsyncCache(Cache):
 
     # -- running steps -----------------------------------------------------------------
 
-    async def _drive(self, steps):
-        try:
-            request = next(steps)
-            while True:
-                try:
-                    result = await self._execute(*request)
-                except Exception as error:
-                    request = steps.throw(error)
-                else:
-                    request = steps.send(result)
-        except StopIteration as done:
-            return done.value
-
     async def _execute(self, statement, params: dict, consume: Callable[[Any], Any]):
-        """Run one statement and consume its (fetched) rows; driver errors become cache errors."""
+        """Run one statement and consume its (fetched) rows; driver errors become cache errors.
+
+        On an Engine, as in `Cache`: autocommit, one retry of a read on a connection found dead, never of a
+        write (in this one coroutine rather than two: see `_awaitable`).
+        """
         if self.user_id:
             params = {"user_id": self.user_id, **params}
+        leases = self._leases
         try:
-            if self._leases is not None:
-                return await self._execute_on_engine(statement, params, consume)
-            return await self._execute_in_transaction(statement, params, consume)
+            if leases is None:
+                return await self._execute_in_transaction(statement, params, consume)
+            engine = self.bind.sync_engine
+            if watched(engine):
+                async with self.bind.connect() as connection:
+                    connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    return consume(await connection.execute(statement, params))
+            for attempt in (1, 2):
+                lease = leases.take_idle() or await leases.take()
+                lost = False
+                # psycopg 3 connections of an engine that is not AUTOCOMMIT are switched for the call (asyncpg
+                # has no such switch: outside a transaction block every statement commits itself).
+                switch = self._driver is _Psycopg and not leases.autocommit and not lease.driver.autocommit
+                try:
+                    if switch:
+                        await lease.driver.set_autocommit(True)
+                    return consume(await self._send(lease, engine.dialect, statement, params))
+                except sa_exc.DBAPIError as error:
+                    if error.connection_invalidated:
+                        lost = True
+                        await leases.lose(lease, error)
+                    if attempt == 2 or not error.connection_invalidated or not _is_read(statement):
+                        raise
+                finally:
+                    if not lost:
+                        if switch and lease.is_valid:
+                            await lease.driver.set_autocommit(False)
+                        if not leases.pass_on(lease):
+                            await leases.give_back(lease)
         except sa_exc.DBAPIError as error:
             raise_translated(error, self._where)
         except sa_exc.TimeoutError:
-            if self._leases is None:
+            if leases is None:
                 raise
             raise pool_timeout_error(self.bind.sync_engine.pool) from None
 
@@ -298,42 +347,14 @@ class AsyncCache(Cache):
             return consume(await connection.execute(statement, params))
         fairy = await connection.get_raw_connection()
         try:
-            return consume(await self._run(fairy.driver_connection, connection.dialect, statement, params))
+            return consume(await self._send(fairy.driver_connection, connection.dialect, statement, params))
         except sa_exc.DBAPIError as error:
             if error.connection_invalidated:
                 await connection.invalidate()
             raise
 
-    async def _execute_on_engine(self, statement, params, consume):
-        # As Cache: autocommit, one retry of a read on a connection found dead, never of a write.
-        engine = self.bind.sync_engine
-        if watched(engine):
-            async with self.bind.connect() as connection:
-                connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                return consume(await connection.execute(statement, params))
-        leases = self._leases
-        for attempt in (1, 2):
-            lease = await leases.take()
-            # psycopg 3 connections of an engine that is not AUTOCOMMIT are switched for the call (asyncpg
-            # has no such switch: outside a transaction block every statement commits itself).
-            switch = self._driver is _Psycopg and not leases.autocommit and not lease.driver.autocommit
-            try:
-                if switch:
-                    await lease.driver.set_autocommit(True)
-                return consume(await self._run(lease, engine.dialect, statement, params))
-            except sa_exc.DBAPIError as error:
-                if error.connection_invalidated:
-                    await leases.lose(lease, error)
-                    lease = None
-                if attempt == 2 or not error.connection_invalidated or not _is_read(statement):
-                    raise
-            finally:
-                if lease is not None:
-                    if switch and lease.is_valid:
-                        await lease.driver.set_autocommit(False)
-                    await leases.give_back(lease)
-
-    async def _run(self, lease_or_driver, dialect, statement, params) -> Buffered:
+    async def _send(self, lease_or_driver, dialect, statement, params) -> Buffered:
+        # One statement on the async driver, its rows fetched; driver errors as SQLAlchemy's, parameters hidden.
         compiled = self._compiled.get(statement)
         if compiled is None:
             compiled = self._compiled[statement] = compile_for(statement, dialect)
@@ -426,7 +447,7 @@ class AsyncCache(Cache):
         """Failsafe's answer to a connection get_or_set could not get (the async engine's pool)."""
         if isinstance(error, sa_exc.TimeoutError):
             error = pool_timeout_error(self.bind.sync_engine.pool)
-        Cache._absorb_connect_error(self, error)
+        super()._absorb_connect_error(error)
 
     def cached(self, ttl=None, key: str | Callable[..., str] | None = None, *, lock: bool = True):
         """Decorator caching an async function's result per arguments::
@@ -472,6 +493,8 @@ class AsyncFastPgCache(AsyncCache):
     `pool_timeout` for one. The guard listens on a blocking psycopg 3
     connection of its own, in a thread, so its answers need no await.
     """
+
+    _leases: AsyncLeases  # the engine is its own, so every call leases
 
     def __init__(self, url: str | URL | None = None, *, schema: str = DEFAULT_SCHEMA, table: str | None = None,
                  maxconn: int = 10, pool_timeout: float = 30.0, prepare_threshold: int | None = 5,
@@ -574,7 +597,7 @@ async def _computed(fn):
 
 def _adopt_operations() -> None:
     # Every Cache operation, present and future, gets its awaited twin here.
-    for name, member in vars(Cache).items():
+    for name, member in vars(BaseCache).items():
         if hasattr(member, "steps") and name not in vars(AsyncCache):
             setattr(AsyncCache, name, _awaitable(member))
 

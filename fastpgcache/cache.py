@@ -5,14 +5,14 @@ import copy
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from . import codec
 from .errors import CachePermissionError, CacheTimeoutError, check_positive_int, pool_timeout_error, sqlstate, translate
-from .execution import Executor, all_rows, answer, first_row, nothing, operation, returned_any, scalar, scalars
+from .execution import Executor, Steps, all_rows, answer, first_row, nothing, operation, returned_any, scalar, scalars
 from .expiry import NOTHING_DUE, ExpiryOnWrite
 from .failsafe import DATABASE_ERRORS, Failsafe
 from .identity import Identity
@@ -21,9 +21,10 @@ from .leases import leases_for
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE
 from .statements import SET, SET_NX, SET_XX, bytea_array, int_array, statements_for, text_array
 
-__all__ = ["Cache", "MAX_KEY_BYTES", "normalize_key", "normalize_ttl"]
+__all__ = ["BaseCache", "Cache", "MAX_KEY_BYTES", "normalize_key", "normalize_ttl"]
 
 _MISSING = object()
+C = TypeVar("C", bound="BaseCache")
 
 
 def _default_argument(cache, key, default=None, **options):
@@ -36,34 +37,10 @@ def _stats_without_database(cache):
     return {"entries": None, "expired": None, **cache._counters()}
 
 
-class Cache(Executor):
-    """A Redis-style cache on one PostgreSQL table, run on a SQLAlchemy bind.
+class BaseCache(Executor):
+    """What `Cache` and `AsyncCache` share: the options, and every single operation, written once.
 
-    Given a `Session` or `Connection`, every statement runs on it and the caller
-    commits or rolls back: a `set()` rolled back with the caller's transaction
-    never happened. Given an `Engine`, each call is its own short transaction::
-
-        from sqlalchemy import create_engine
-        from fastpgcache import Cache
-
-        cache = Cache(create_engine("postgresql+psycopg2://app@localhost/app"))
-        cache.set("user:1", {"name": "Alice"}, ttl=3600)
-        cache.get("user:1")          # {'name': 'Alice'}
-        cache.ttl("user:1")          # 3600
-
-    Every entry belongs to the role the session acts as when it calls (the role
-    set by SET ROLE, else the login role): reads see only that role's rows, and
-    writes go through the table's functions, which store only that role's rows.
-
-    `failsafe=True` (Engine binds only) turns database errors into cache misses
-    (reads return the default, writes False, 0, or None for an unknown count), logged once per burst and passed to
-    `on_error(error, operation_name)`. Every `expire_every` writes (50; None
-    turns it off) a write also deletes a bounded batch of expired rows, and
-    with `max_entries` this role's oldest entries past the cap (expiry.py).
-    `pickle` takes a signing key (or a list of keys, the first signing) to store
-    other Python objects as signed pickles (codec.py). `cull_max_entries` culls
-    as Django's DatabaseCache does: a write that finds more entries of this role
-    removes the expired ones, then 1/`cull_frequency` of the rest, oldest first.
+    Not made directly: `Cache` runs each operation blocking, `AsyncCache` awaits it.
     """
 
     def __init__(self, bind, *, schema: str | None = None, table: str | None = None,
@@ -130,7 +107,7 @@ class Cache(Executor):
         if self.guard is not None:
             self.guard.remember(keys)
 
-    def _call(self, statement, params: dict):
+    def _call(self, statement, params: dict) -> Steps[Any]:
         """Steps of one write function call as this cache's role; its result, never None.
 
         The function answers NULL (and writes nothing) when the identity sent is not
@@ -147,7 +124,7 @@ class Cache(Executor):
             self._identity = None
         raise CachePermissionError(self._not_acting_as())
 
-    def _identify(self):
+    def _identify(self) -> Steps[Identity]:
         # Steps reading the acting role's secret, creating it at the role's first write.
         row = yield self._s.identity, {}, first_row
         if row is None:
@@ -166,7 +143,7 @@ class Cache(Executor):
     # -- strings ---------------------------------------------------------------------
 
     @operation(fallback=answer(False))
-    def set(self, key, value, ttl=None, *, nx: bool = False, xx: bool = False) -> bool:
+    def set(self, key, value, ttl=None, *, nx: bool = False, xx: bool = False) -> Steps[bool]:
         """Store `value` under `key`, replacing any value and ttl; like Redis SET.
 
         `nx=True` stores only if the key is absent (or expired), `xx=True` only if
@@ -190,7 +167,7 @@ class Cache(Executor):
         return stored
 
     @operation(fallback=_default_argument)
-    def get(self, key, default=None, *, parse_json: bool = True):
+    def get(self, key, default=None, *, parse_json: bool = True) -> Steps[Any]:
         """The value stored under `key`, or `default` when it is missing or expired.
 
         `parse_json=False` returns a JSON value (dict, list, number) as its text::
@@ -212,12 +189,12 @@ class Cache(Executor):
         return value
 
     @operation(fallback=answer(False))
-    def delete(self, key) -> bool:
+    def delete(self, key) -> Steps[bool]:
         """Remove `key`; True if a live value was removed."""
         return (yield from self._call(self._s.delete, {"ks": text_array([normalize_key(key)])})) > 0
 
     @operation(fallback=answer(False))
-    def exists(self, key) -> bool:
+    def exists(self, key) -> Steps[bool]:
         """True if `key` holds a value that has not expired."""
         key = normalize_key(key)
         if self.guard is not None and self._guard_skips(key):
@@ -227,13 +204,13 @@ class Cache(Executor):
         return found
 
     @operation(fallback=answer(-2))
-    def ttl(self, key) -> int:
+    def ttl(self, key) -> Steps[int]:
         """Seconds until `key` expires, rounded up; -1 if it never expires, -2 if missing."""
         seconds = yield self._s.ttl, {"k": normalize_key(key)}, scalar
         return -2 if seconds is None else int(seconds)
 
     @operation(fallback=answer(False))
-    def expire(self, key, ttl) -> bool:
+    def expire(self, key, ttl) -> Steps[bool]:
         """Give `key` a new ttl (seconds or timedelta); False if the key is missing."""
         params = {"k": normalize_key(key), "ttl": normalize_ttl(ttl)}
         if params["ttl"] is None:
@@ -241,12 +218,12 @@ class Cache(Executor):
         return (yield from self._call(self._s.expire, params))
 
     @operation(fallback=answer(False))
-    def persist(self, key) -> bool:
+    def persist(self, key) -> Steps[bool]:
         """Remove the ttl of `key`; False if the key is missing or had no ttl."""
         return (yield from self._call(self._s.expire, {"k": normalize_key(key), "ttl": None}))
 
     @operation(fallback=answer(None))
-    def incr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
+    def incr(self, key, amount: int = 1, *, create: bool = True) -> Steps[int | None]:
         """Add `amount` to the integer at `key` in one atomic statement; a missing key starts at 0.
 
         As Redis, the stored value must be a canonical decimal integer ("5", "-12";
@@ -276,14 +253,10 @@ class Cache(Executor):
             yield from self._expire_on_write(due)
         return int(result[0])
 
-    def decr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
-        """Subtract `amount` from the integer at `key`; see `incr`."""
-        return self.incr(key, _negate(amount), create=create)
-
     # -- batches -----------------------------------------------------------------------
 
     @operation(fallback=answer(0))
-    def set_many(self, mapping: Mapping, ttl=None) -> int:
+    def set_many(self, mapping: Mapping, ttl=None) -> Steps[int]:
         """Store every item of `mapping` in one statement (one round trip); returns the count.
 
         The batch is all-or-nothing, and one ttl applies to all of it::
@@ -309,7 +282,7 @@ class Cache(Executor):
         return count
 
     @operation(fallback=answer({}))
-    def get_many(self, keys: Iterable, *, parse_json: bool = True) -> dict:
+    def get_many(self, keys: Iterable, *, parse_json: bool = True) -> Steps[dict]:
         """The live values of `keys` in one round trip; missing keys are absent from the dict::
 
             cache.get_many(["a", "b", "nope"])   # {'a': 1, 'b': [2, 3]}
@@ -328,7 +301,7 @@ class Cache(Executor):
         return found
 
     @operation(fallback=answer(None))
-    def delete_many(self, keys: Iterable) -> int:
+    def delete_many(self, keys: Iterable) -> Steps[int]:
         """Remove `keys` in one statement; returns how many live values were removed."""
         wanted = key_list(keys)
         if not wanted:
@@ -337,52 +310,23 @@ class Cache(Executor):
 
     # -- keyspace ----------------------------------------------------------------------
 
-    def keys(self, pattern: str = "*") -> list[str]:
-        """Live keys matching a Redis glob pattern, sorted: `keys("user:*")`.
-
-        `*`, `?`, `[abc]`, `[^a]`, `[a-z]` and `\\` escapes work as in Redis; `%`
-        and `_` are ordinary characters. A bad pattern raises ValueError, even in
-        failsafe mode; `escape_glob()` makes any text a literal pattern.
-        """
-        return self._keys_matching(pattern_regex(pattern))
-
     @operation(fallback=answer([]))
-    def _keys_matching(self, regex: str) -> list[str]:
+    def _keys_matching(self, regex: str) -> Steps[list[str]]:
         # keys() once its pattern is checked: only database errors reach failsafe mode.
         return (yield self._s.keys, {"regex": regex}, scalars)
 
     @operation(fallback=answer([]))
-    def _scan_batch(self, regex: str, after: str, batch_size: int) -> list[str]:
+    def _scan_batch(self, regex: str, after: str, batch_size: int) -> Steps[list[str]]:
         # One page of scan_iter: keyset pagination, so pages stay cheap however deep.
         return (yield self._s.scan, {"regex": regex, "after": after, "batch": batch_size}, scalars)
 
-    def scan_iter(self, pattern: str = "*", batch_size: int = 1000) -> Iterator[str]:
-        """Iterate over matching live keys, fetching `batch_size` at a time, in key order."""
-        regex, after = pattern_regex(pattern), ""
-        check_positive_int("batch_size", batch_size)
-        while True:
-            batch = self._scan_batch(regex, after, batch_size)
-            yield from batch
-            if len(batch) < batch_size:
-                return
-            after = batch[-1]
-
-    def clear(self, pattern: str | None = None) -> int | None:
-        """Remove every entry of this role, or those whose key matches a glob; returns how many.
-
-        One statement either way::
-
-            cache.clear("session:*")   # this role's session entries, live or expired
-        """
-        return self._clear(None if pattern is None else pattern_regex(pattern))
-
     @operation(fallback=answer(None))
-    def _clear(self, regex: str | None) -> int:
+    def _clear(self, regex: str | None) -> Steps[int]:
         # clear() once its pattern is checked.
         return (yield from self._call(self._s.clear, {"regex": regex}))
 
     @operation(fallback=answer(None))
-    def cleanup(self, batch_size: int = 1000, *, all_users: bool = False) -> int:
+    def cleanup(self, batch_size: int = 1000, *, all_users: bool = False) -> Steps[int]:
         """Delete expired rows in batches of `batch_size`; returns how many were removed.
 
         Each batch is its own statement, so no single DELETE holds every row.
@@ -401,7 +345,7 @@ class Cache(Executor):
                 return total
 
     @operation(fallback=_stats_without_database)
-    def stats(self) -> dict:
+    def stats(self) -> Steps[dict]:
         """This role's live entries and expired rows not yet removed (from SQL), and this
         object's lookups: hits, misses and guard_skips (answered by the guard without SQL),
         database `errors` and the `last_error` (failsafe.py), and rows it removed on
@@ -424,7 +368,7 @@ class Cache(Executor):
         # failed batch would abort it, and Engine calls clean up for everyone.
         return self._expiry.due(writes) if self._leases is not None else NOTHING_DUE
 
-    def _expire_on_write(self, due):
+    def _expire_on_write(self, due) -> Steps[None]:
         # The batches a write adds every N writes; their failure never fails the write itself.
         expired = trimmed = 0
         try:
@@ -439,16 +383,112 @@ class Cache(Executor):
     # -- for the negative-lookup guard (guard.py) ----------------------------------------
 
     @operation
-    def _key_page(self, after: str, batch_size: int) -> list[str]:
+    def _key_page(self, after: str, batch_size: int) -> Steps[list[str]]:
         # One page of the guard's warm-up: keyset pagination over the primary key.
         return (yield self._s.key_page, {"after": after, "batch": batch_size}, scalars)
 
     @operation(fallback=answer(None))
-    def _identity_now(self) -> Identity:
+    def _identity_now(self) -> Steps[Identity]:
         # The acting role's identity, read now (the guard's tokens and channel derive from it).
         return (yield from self._identify())
 
-    # -- helpers for callers ----------------------------------------------------------
+    # -- shared by get_or_set in both forms ------------------------------------------
+
+    def _absorb_connect_error(self, error) -> None:
+        """Failsafe's answer to a connection get_or_set could not get: absorb it, or raise it as a cache error."""
+        problem = pool_timeout_error(self.bind.pool) if isinstance(error, sa_exc.TimeoutError) else \
+            translate(error, self._where)
+        if not self._failsafe.absorb(problem, "get_or_set"):
+            raise problem from (None if problem is error else error)
+
+    def _bound_to(self: C, connection) -> C:
+        # This cache on one connection, so the claim and the store share one transaction. Its
+        # reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears of it.
+        twin = self._unguarded()
+        twin.bind, twin._leases = connection, None
+        return twin
+
+    def _unguarded(self: C) -> C:
+        # This cache without the guard, for get_or_set's re-read of what the holder of a claim stored.
+        twin = copy.copy(self)
+        twin.guard = None
+        return twin
+
+    @operation(fallback=answer(None))
+    def _claim(self, key, wait: float) -> Steps[bool | None]:
+        # get_or_set: True if this transaction now holds the key's claim, False if a live value is
+        # there (maybe stored while we waited), None if waiting took longer than `wait` seconds.
+        milliseconds = max(1, round(wait * 1000))
+        limits = {"lock_ms": str(milliseconds), "statement_ms": str(milliseconds + 1000)}
+        yield self._s.lock_wait, limits, nothing
+        try:
+            return (yield from self._call(self._s.claim, {"k": normalize_key(key)}))
+        except CacheTimeoutError:
+            return None
+
+
+class Cache(BaseCache):
+    """A Redis-style cache on one PostgreSQL table, run on a SQLAlchemy bind.
+
+    Given a `Session` or `Connection`, every statement runs on it and the caller
+    commits or rolls back: a `set()` rolled back with the caller's transaction
+    never happened. Given an `Engine`, each call is its own short transaction::
+
+        from sqlalchemy import create_engine
+        from fastpgcache import Cache
+
+        cache = Cache(create_engine("postgresql+psycopg2://app@localhost/app"))
+        cache.set("user:1", {"name": "Alice"}, ttl=3600)
+        cache.get("user:1")          # {'name': 'Alice'}
+        cache.ttl("user:1")          # 3600
+
+    Every entry belongs to the role the session acts as when it calls (the role
+    set by SET ROLE, else the login role): reads see only that role's rows, and
+    writes go through the table's functions, which store only that role's rows.
+
+    `failsafe=True` (Engine binds only) turns database errors into cache misses
+    (reads return the default, writes False, 0, or None for an unknown count), logged once per burst and passed to
+    `on_error(error, operation_name)`. Every `expire_every` writes (50; None
+    turns it off) a write also deletes a bounded batch of expired rows, and
+    with `max_entries` this role's oldest entries past the cap (expiry.py).
+    `pickle` takes a signing key (or a list of keys, the first signing) to store
+    other Python objects as signed pickles (codec.py). `cull_max_entries` culls
+    as Django's DatabaseCache does: a write that finds more entries of this role
+    removes the expired ones, then 1/`cull_frequency` of the rest, oldest first.
+    """
+
+    def decr(self, key, amount: int = 1, *, create: bool = True) -> int | None:
+        """Subtract `amount` from the integer at `key`; see `incr`."""
+        return self.incr(key, _negate(amount), create=create)
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        """Live keys matching a Redis glob pattern, sorted: `keys("user:*")`.
+
+        `*`, `?`, `[abc]`, `[^a]`, `[a-z]` and `\\` escapes work as in Redis; `%`
+        and `_` are ordinary characters. A bad pattern raises ValueError, even in
+        failsafe mode; `escape_glob()` makes any text a literal pattern.
+        """
+        return self._keys_matching(pattern_regex(pattern))
+
+    def scan_iter(self, pattern: str = "*", batch_size: int = 1000) -> Iterator[str]:
+        """Iterate over matching live keys, fetching `batch_size` at a time, in key order."""
+        regex, after = pattern_regex(pattern), ""
+        check_positive_int("batch_size", batch_size)
+        while True:
+            batch = self._scan_batch(regex, after, batch_size)
+            yield from batch
+            if len(batch) < batch_size:
+                return
+            after = batch[-1]
+
+    def clear(self, pattern: str | None = None) -> int | None:
+        """Remove every entry of this role, or those whose key matches a glob; returns how many.
+
+        One statement either way::
+
+            cache.clear("session:*")   # this role's session entries, live or expired
+        """
+        return self._clear(None if pattern is None else pattern_regex(pattern))
 
     def get_or_set(self, key, fn: Callable[[], Any], ttl=None, *, lock: bool = True, wait: float = 5.0):
         """Return the cached value of `key`, computing and storing `fn()` on a miss::
@@ -510,38 +550,6 @@ class Cache(Executor):
             return self.bind.connect().execution_options(isolation_level="READ COMMITTED")
         except (sa_exc.DBAPIError, sa_exc.TimeoutError) as error:
             self._absorb_connect_error(error)
-            return None
-
-    def _absorb_connect_error(self, error) -> None:
-        """Failsafe's answer to a connection get_or_set could not get: absorb it, or raise it as a cache error."""
-        problem = pool_timeout_error(self.bind.pool) if isinstance(error, sa_exc.TimeoutError) else \
-            translate(error, self._where)
-        if not self._failsafe.absorb(problem, "get_or_set"):
-            raise problem from (None if problem is error else error)
-
-    def _bound_to(self, connection) -> Cache:
-        # This cache on one connection, so the claim and the store share one transaction. Its
-        # reads skip the guard: a waiter wakes at the holder's commit, maybe before the guard hears of it.
-        twin = self._unguarded()
-        twin.bind, twin._leases = connection, None
-        return twin
-
-    def _unguarded(self) -> Cache:
-        # This cache without the guard, for get_or_set's re-read of what the holder of a claim stored.
-        twin = copy.copy(self)
-        twin.guard = None
-        return twin
-
-    @operation(fallback=answer(None))
-    def _claim(self, key, wait: float) -> bool | None:
-        # get_or_set: True if this transaction now holds the key's claim, False if a live value is
-        # there (maybe stored while we waited), None if waiting took longer than `wait` seconds.
-        milliseconds = max(1, round(wait * 1000))
-        limits = {"lock_ms": str(milliseconds), "statement_ms": str(milliseconds + 1000)}
-        yield self._s.lock_wait, limits, nothing
-        try:
-            return (yield from self._call(self._s.claim, {"k": normalize_key(key)}))
-        except CacheTimeoutError:
             return None
 
     def cached(self, ttl=None, key: str | Callable[..., str] | None = None, *, lock: bool = True):

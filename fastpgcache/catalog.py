@@ -9,6 +9,7 @@ stand in for them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -142,7 +143,7 @@ class CacheCatalog:
     relations: dict = field(default_factory=dict)
     functions: list = field(default_factory=list)
     triggers: list = field(default_factory=list)
-    role: object = None
+    role: Any = None  # the owner role's pg_roles row (rolname, rolsuper, rolcanlogin, members), if it exists
     trusted: frozenset = frozenset()
     distribution: dict = field(default_factory=dict)  # relation name: Citus metadata row or None
     workers: int = 0  # active Citus workers, 0 without Citus
@@ -269,7 +270,7 @@ def inspect_cache(connection: Connection, schema: str, table: str, owner_role: s
         catalog = inspect_cache(connection, "public", "cache", "fastpgcache_owner")
         catalog.problems(revision_at_head=True)   # [] when setup may trust it
     """
-    catalog = CacheCatalog(schema, table, owner_role)
+    catalog = CacheCatalog(schema, table, owner_role or "")
     schema_row = connection.execute(_SCHEMA, {"schema": schema}).first()
     if schema_row is not None:
         catalog.schema_owner, catalog.public_may_create = schema_row.owner, schema_row.public_create
@@ -288,7 +289,7 @@ def inspect_cache(connection: Connection, schema: str, table: str, owner_role: s
     citus = citus_installed(connection)
     catalog.distribution = distribution_of(connection, schema, table, citus)
     if citus:
-        catalog.workers = connection.execute(_WORKERS).scalar()
+        catalog.workers = connection.execute(_WORKERS).scalar() or 0
         catalog.owner_serves_citus = bool(connection.execute(_OWNER_SERVES_CITUS, {"role": owner_role}).scalar())
     return catalog
 

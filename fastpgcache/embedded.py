@@ -246,6 +246,8 @@ class EmbeddedPostgres:
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Block until the server accepts TCP connections."""
+        if self.port is None:
+            raise RuntimeError("the embedded PostgreSQL has no port until start() picks one")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

@@ -1,6 +1,8 @@
 """Exceptions users can act on, and the one place driver errors are translated."""
 from __future__ import annotations
 
+from typing import NoReturn
+
 from sqlalchemy import exc as sa_exc
 
 SETUP_HINT = (
@@ -46,7 +48,7 @@ def first_line(error: BaseException) -> str:
     return text[0] if text else type(source).__name__
 
 
-def raise_translated(error: sa_exc.DBAPIError, where: str):
+def raise_translated(error: sa_exc.DBAPIError, where: str) -> NoReturn:
     """Raise what `translate` makes of `error`: the cache error chained to it, or `error` itself."""
     translated = translate(error, where)
     if translated is error:

@@ -193,13 +193,14 @@ class NegativeLookupGuard:
 
     def definitely_absent(self, key: str) -> bool:
         """True only when the key cannot be in the table; False means "ask the database"."""
-        active = self._active
-        return active is not None and self._identity.token(key) not in active
+        active, identity = self._active, self._identity
+        return active is not None and identity is not None and identity.token(key) not in active
 
     def remember(self, keys) -> None:
         """Add keys this process has just written, before its call returns."""
-        if self._targets:
-            self._add([self._identity.token(key) for key in keys])
+        identity = self._identity
+        if self._targets and identity is not None:
+            self._add([identity.token(key) for key in keys])
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -274,9 +275,16 @@ class NegativeLookupGuard:
         finally:
             listener.close()
 
+    @property
+    def _me(self) -> Identity:
+        # The listener thread reads the identity before anything that needs it runs.
+        if self._identity is None:
+            raise RuntimeError("the negative-lookup guard has not read its role's identity yet")
+        return self._identity
+
     def _listen(self, listener: _Listener) -> None:
         try:
-            listener.run(listen_sql(self.channel))
+            listener.run(listen_sql(self._me.channel))
         except Exception as error:
             if listener.broken:
                 raise
@@ -354,7 +362,7 @@ class NegativeLookupGuard:
         The check waits for a pooled connection, and notifications are not read
         meanwhile: the filter answers nothing until they have been taken.
         """
-        listener.run(listen_sql(self.channel))
+        listener.run(listen_sql(self._me.channel))
         with self._lock:
             answering, self._active = self._active, None
         self._check_trust()
@@ -429,8 +437,8 @@ class NegativeLookupGuard:
         # False when a reset arrives (or the guard stops) before the last page.
         after = ""
         while True:
-            keys = self._cache._key_page(after, PAGE_SIZE)
-            fresh.update([self._identity.token(key) for key in keys])
+            keys: list[str] = self._cache._key_page(after, PAGE_SIZE)
+            fresh.update([self._me.token(key) for key in keys])
             self._receive(listener, 0)
             if self._reset_requested or self._stopping.is_set():
                 return False

@@ -23,6 +23,7 @@ import os
 import select
 import threading
 import weakref
+from typing import TypeVar, overload
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
@@ -58,7 +59,16 @@ class LeasingQueuePool(QueuePool):
             return super()._do_get()
 
 
-def leases_for(engine: Engine, keep: int | None = None, kind: type | None = None) -> ConnectionLeases:
+L = TypeVar("L", bound="ConnectionLeases")
+
+
+@overload
+def leases_for(engine: Engine, keep: int | None = None) -> ConnectionLeases: ...
+@overload
+def leases_for(engine: Engine, keep: int | None = None, *, kind: type[L]) -> L: ...
+
+
+def leases_for(engine, keep=None, *, kind=None):
     """The one `ConnectionLeases` (or `kind`, a subclass) of `engine`; `keep` > 0 (for Engines the library
     owns) holds idle ones.
 
