@@ -8,8 +8,8 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
@@ -194,14 +194,15 @@ def _status(bind: Connection, schema: str, table: str, owner: str) -> dict:
         revision = bind.execute(text(f"SELECT version_num FROM {quoted}")).scalar()
     problems = catalog.problems(revision_at_head=revision == head_revision())
     warnings: list[str] = []
-    status: dict[str, Any] = {"schema": schema, "table": table, "exists": entries is not None and entries.relkind == "r",
-              "unlogged": bool(entries and entries.relpersistence == "u"),
-              "row_level_security": bool(entries and entries.relrowsecurity),
-              "forced_row_level_security": bool(entries and entries.relforcerowsecurity),
-              "revision": revision, "owner": entries.owner if entries else None,
-              "grants": entries.acl if entries else None, "problems": problems, "warnings": warnings, "limits": {},
-              "readers": acl_holders(entries.acl, "r", entries.owner) if entries else [],
-              "callers": catalog.callers()}
+    status: dict[str, Any] = {
+        "schema": schema, "table": table, "exists": entries is not None and entries.relkind == "r",
+        "unlogged": bool(entries and entries.relpersistence == "u"),
+        "row_level_security": bool(entries and entries.relrowsecurity),
+        "forced_row_level_security": bool(entries and entries.relforcerowsecurity),
+        "revision": revision, "owner": entries.owner if entries else None,
+        "grants": entries.acl if entries else None, "problems": problems, "warnings": warnings, "limits": {},
+        "readers": acl_holders(entries.acl, "r", entries.owner) if entries else [],
+        "callers": catalog.callers()}
     if catalog.public_may_create:
         warnings.append(f"PUBLIC may CREATE in schema {schema}, so any role can plant functions there; "
                                   f"run: REVOKE CREATE ON SCHEMA {schema} FROM PUBLIC")
