@@ -319,3 +319,17 @@ def test_cleanup_steps_each_run_when_an_earlier_one_fails(pg_url, monkeypatch):
     with pytest.raises(RuntimeError, match="close failed"):
         bench.run_bench(settings=TINY, progress=False, exclude={DJANGO})
     assert done == ["unpinned", "server stopped"]
+
+
+def test_the_floor_s_table_is_unlogged_as_the_cache_s_is_and_its_logged_twin_is_not(engine, empty_schema):
+    # A LOGGED floor made every floor write wait for a WAL flush (fsync=on: 323 µs against 218 µs for
+    # the library's own UNLOGGED table on PostgreSQL 15), flattering the library's set ratios.
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{empty_schema}"'))
+        unlogged = bench.create_floor_table(connection, empty_schema)
+        connection.execute(text(f'CREATE SCHEMA "{empty_schema}_logged"'))
+        logged = bench.create_floor_table(connection, f"{empty_schema}_logged", logged=True)
+        kinds = [connection.execute(text(f"SELECT relpersistence FROM pg_class WHERE oid = '{name}'::regclass"))
+                 .scalar() for name in (unlogged, logged)]
+        connection.execute(text(f'DROP SCHEMA "{empty_schema}_logged" CASCADE'))
+    assert kinds == ["u", "p"]

@@ -42,8 +42,8 @@ def create_floor_table(connection, schema: str, logged: bool = False) -> str:
     table.create(connection)
     qualified = f'"{schema}"."{FLOOR_TABLE}"'
     connection.execute(text(f"ALTER TABLE {qualified} SET (fillfactor = 70)"))
-    if logged:
-        connection.execute(text(f"ALTER TABLE {qualified} SET LOGGED"))
+    if not logged:  # as the cache's own table (the model leaves persistence to the migrations)
+        connection.execute(text(f"ALTER TABLE {qualified} SET UNLOGGED"))
     return qualified
 
 
