@@ -459,12 +459,15 @@ def set_limits(connection: Connection, options: MigrationOptions, *, max_value_b
 
 def set_logged(bind: Engine | Connection, logged: bool, schema: str = DEFAULT_SCHEMA,
                table: str = DEFAULT_TABLE) -> None:
-    """Switch the table between LOGGED and UNLOGGED; rows are kept (PostgreSQL rewrites the table)."""
+    """Switch the table, and its roles' secrets with it, between LOGGED and UNLOGGED; rows are kept
+    (PostgreSQL rewrites the tables)."""
     if isinstance(bind, Engine):
         with bind.begin() as connection:
             return set_logged(connection, logged, schema, table)
-    qualified = MigrationOptions(schema=schema, table=table).qualified_table(bind.dialect)
-    bind.execute(text(f"ALTER TABLE {qualified} SET {'LOGGED' if logged else 'UNLOGGED'}"))
+    quote = bind.dialect.identifier_preparer.quote
+    for qualified in (MigrationOptions(schema=schema, table=table).qualified_table(bind.dialect),
+                      f"{quote(schema)}.{quote(secrets_table(table).name)}"):
+        bind.execute(text(f"ALTER TABLE {qualified} SET {'LOGGED' if logged else 'UNLOGGED'}"))
 
 
 def setup_cache(host: str = "localhost", database: str = "postgres", user: str = "postgres",

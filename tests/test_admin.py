@@ -34,14 +34,32 @@ def test_admin_is_idempotent_and_force_empties(engine, pg_url, empty_schema):
     assert Cache(engine, schema=empty_schema).get("k") is None
 
 
+def persistence(engine, schema: str) -> dict:
+    """relpersistence of the cache table and of its roles' secrets."""
+    with engine.connect() as connection:
+        return dict(connection.execute(text(
+            "SELECT c.relname, c.relpersistence FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = :s AND c.relname IN ('cache', 'cache_secrets')"), {"s": schema}).all())
+
+
 def test_logged_and_unlogged_flags_switch_and_keep_rows(engine, pg_url, empty_schema, capsys):
     main(["--url", pg_url, "--schema", empty_schema])
+    # The secrets follow the entries, so the row lock of an expiry batch writes no WAL on an UNLOGGED cache.
+    assert persistence(engine, empty_schema) == {"cache": "u", "cache_secrets": "u"}
     Cache(engine, schema=empty_schema).set("k", [1, 2])
     assert main(["--url", pg_url, "--schema", empty_schema, "--logged"]) == 0
     assert "exists, LOGGED" in capsys.readouterr().out
+    assert persistence(engine, empty_schema) == {"cache": "p", "cache_secrets": "p"}
     assert main(["--url", pg_url, "--schema", empty_schema, "--unlogged"]) == 0
     assert "exists, UNLOGGED" in capsys.readouterr().out
+    assert persistence(engine, empty_schema) == {"cache": "u", "cache_secrets": "u"}
     assert Cache(engine, schema=empty_schema).get("k") == [1, 2]
+    assert Cache(engine, schema=empty_schema).set("k2", 3) is True  # the secret came through both rewrites
+
+
+def test_a_table_created_logged_keeps_its_secrets_logged(engine, pg_url, empty_schema):
+    assert main(["--url", pg_url, "--schema", empty_schema, "--logged"]) == 0
+    assert persistence(engine, empty_schema) == {"cache": "p", "cache_secrets": "p"}
 
 
 def test_url_parts_and_fastpgcache_url_env(pg_url, empty_schema, monkeypatch):

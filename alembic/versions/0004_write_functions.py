@@ -605,6 +605,13 @@ def upgrade() -> None:
     run(f"DROP FUNCTION IF EXISTS {names.schema}.{trigger}()")
     for table in (secrets_table(options.table), settings_table(options.table), usage_table(options.table)):
         table.to_metadata(MetaData(), schema=options.schema).create(bind)
+    # The secrets live and die with the entries: beside an UNLOGGED table they are UNLOGGED too, so the
+    # row lock that keeps expiry batches one per role writes no WAL (each batch waited for a WAL flush:
+    # 0.46 ms against 0.32 ms on PostgreSQL 15 with fsync on). After a crash both come back empty and
+    # each role enrolls again at its next write.
+    if bind.execute(text(f"SELECT relpersistence FROM pg_catalog.pg_class WHERE oid = '{names.cache}'::regclass")
+                    ).scalar() == "u":
+        run(f"ALTER TABLE {names.secrets} SET UNLOGGED")
     run(f"INSERT INTO {names.settings} (max_value_bytes) VALUES ({DEFAULT_MAX_VALUE_BYTES})")
     # The entry table's policy again, with its operator named in pg_catalog: one created by an older
     # setup was resolved on whatever search path that admin had.
