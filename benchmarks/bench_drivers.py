@@ -10,7 +10,8 @@ Contenders, every one on the same server in the same run:
 - psycopg2 on a plain table: raw psycopg2 (autocommit) with the plain SQL of a hand-written cache on a
   table of the cache's shape without row-level security or write functions (fastpgcache.bench.floor_sql);
 - each driver replaying this library's own SQL (the statements it compiles, the parameters it sends) on
-  the library's table: psycopg2, psycopg 3 prepared, async psycopg 3 prepared, asyncpg;
+  the library's table: psycopg2 (PREPARE/EXECUTE, as the library), psycopg 3 prepared, async psycopg 3
+  prepared, asyncpg;
 - the library on each of them: FastPgCache (psycopg2; psycopg 3 prepared), AsyncFastPgCache (psycopg 3
   prepared; asyncpg), guard off so every call is a round trip;
 - Redis (redis-py, redis.asyncio) when --redis answers.
@@ -88,20 +89,27 @@ class Floor:
 
 
 class Replay:
-    """A raw blocking driver connection in autocommit sending the library's own statements."""
+    """A raw blocking driver connection in autocommit sending the library's own statements (on psycopg2
+    PREPAREd once and then EXECUTEd, as the library runs them on its own Engine)."""
 
     def __init__(self, cursor, sql: dict, **options):
         self.cursor, self.sql, self.options = cursor, sql, options
+        for compiled, _ in sql.values():
+            if compiled.prepared is not None:
+                cursor.execute(compiled.prepared.prepare)
+
+    def _send(self, compiled, params):
+        sql = compiled.sql if compiled.prepared is None else compiled.prepared.execute
+        self.cursor.execute(sql, compiled.values(params), **self.options)
 
     def get(self, key):
         compiled, fixed = self.sql["get"]
-        self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key}), **self.options)
+        self._send(compiled, {**fixed, "k": key})
         return decode_json(str(self.cursor.fetchone()[0], "utf-8"))
 
     def set(self, key, value):
         compiled, fixed = self.sql["set"]
-        data = encode_json(value).hex()
-        self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key, "val": data}), **self.options)
+        self._send(compiled, {**fixed, "k": key, "val": encode_json(value).hex()})
         self.cursor.fetchone()
 
 

@@ -23,13 +23,15 @@ PREPARE_THRESHOLD = 5
 
 
 def _connect_args(target: URL, prepare_threshold: int | None) -> dict:
-    # Only psycopg 3 prepares statements; psycopg2 never does, so "off" (None) is fine there too.
+    # psycopg 3 prepares by itself; on psycopg2 the cache PREPAREs each statement at its first run
+    # (execution.py) unless told None, and counts no runs.
     if prepare_threshold is not None and (not isinstance(prepare_threshold, int) or prepare_threshold < 0):
         raise ValueError(f"prepare_threshold must be an int >= 0, or None to never prepare; got {prepare_threshold!r}")
     if target.get_driver_name() == "psycopg":
         return {"prepare_threshold": prepare_threshold}
     if prepare_threshold not in (None, PREPARE_THRESHOLD):
-        raise ValueError("prepare_threshold needs psycopg 3: use a postgresql+psycopg:// URL "
+        raise ValueError("on psycopg2 statements are prepared at their first run, or never with "
+                         "prepare_threshold=None; a threshold needs psycopg 3: use a postgresql+psycopg:// URL "
                          "(pip install 'fastpgcache[psycopg3]')")
     return {}
 
@@ -132,7 +134,9 @@ def cache_engine(url: str | URL, **options) -> Engine:
         pool_logger.addFilter(_REDACT)
     discard_dead_connections(engine)
     # Up to pool_size connections wait idle; another pool class given in `options` keeps none.
-    leases_for(engine, keep=engine.pool.size() if isinstance(engine.pool, LeasingQueuePool) else 0)
+    leases = leases_for(engine, keep=engine.pool.size() if isinstance(engine.pool, LeasingQueuePool) else 0)
+    # Its connections are the cache's alone, so psycopg2's statements may stay PREPAREd on them.
+    leases.prepare = engine.dialect.driver == "psycopg2"
     return engine
 
 
@@ -160,9 +164,11 @@ class FastPgCache(Cache):
     With `instance_name`, it authenticates to Databricks with rotating tokens
     (`password` is ignored) through the `databricks` extra.
 
-    A `postgresql+psycopg://` URL uses psycopg 3, which runs the cache's
-    statements as server-side prepared statements after `prepare_threshold`
-    runs; behind a transaction-mode pooler pass `prepare_threshold=None`.
+    The cache's statements run as server-side prepared statements: on psycopg2
+    PREPAREd at their first run on a connection, on psycopg 3 (a
+    `postgresql+psycopg://` URL) after `prepare_threshold` runs. Behind a
+    transaction-mode pooler pass `prepare_threshold=None` (psycopg2 also stops
+    by itself when prepared statements keep vanishing).
 
     No call waits forever: `statement_timeout` (5 s) and `lock_timeout` (1 s)
     are set for every connection (None leaves the server's setting), and a
@@ -194,6 +200,7 @@ class FastPgCache(Cache):
             engine = cache_engine(target, pool_size=maxconn, max_overflow=0, pool_timeout=pool_timeout,
                                   connect_args={**_connect_args(target, prepare_threshold),
                                                 **_timeout_options(target, statement_timeout, lock_timeout)})
+            leases_for(engine).prepare &= prepare_threshold is not None
         if instance_name:
             from .databricks import attach, provider_for_instance
 

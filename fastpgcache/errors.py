@@ -92,7 +92,7 @@ def translate(error: sa_exc.DBAPIError, where: str) -> Exception:
                           "before the cache writes to its shard, or after the commit")
     if state in ("26000", "42P05"):  # prepared statement missing / duplicate: a transaction-mode pooler
         return CacheError(f"{first_line(error)}: behind a transaction-mode pooler (pgbouncer) server-side "
-                          "prepared statements break; pass prepare_threshold=None (psycopg 3)")
+                          "prepared statements break; pass prepare_threshold=None")
     if error.connection_invalidated or state in ("57P01", "57P02", "08003"):  # admin/crash shutdown, gone
         return CacheConnectionError(
             f"lost the database connection during the call: {first_line(error)} (the server restarted, crashed "

@@ -34,6 +34,10 @@ from .failsafe import socket_closed
 # poll() where there is one (not on Windows): select() cannot watch descriptors above 1023.
 HAS_POLL = hasattr(select, "poll")
 
+LOST_PREPARED_LIMIT = 3
+"""Connections that may lose their prepared statements before a process stops preparing: once is a
+DISCARD ALL or a migration; again and again is a transaction-mode pooler handing out other connections."""
+
 _registry: weakref.WeakKeyDictionary[Engine, ConnectionLeases] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
 # The leases holding idle connections of each pool, for LeasingQueuePool to take them back.
@@ -87,11 +91,13 @@ def leases_for(engine, keep=None, *, kind=None):
 class Lease:
     """A pooled connection held for one call at a time, with its reusable cursor."""
 
-    __slots__ = ("fairy", "driver", "_cursor", "_poller")
+    __slots__ = ("fairy", "driver", "prepared", "_cursor", "_poller")
 
     def __init__(self, fairy):
         self.fairy = fairy
         self.driver = fairy.driver_connection
+        # Names of the statements PREPAREd on this connection (execution.py); `info` lives as long as it does.
+        self.prepared: set = fairy.info.setdefault("fastpgcache_prepared", set())
         self._cursor = None
         self._poller = None
 
@@ -160,6 +166,9 @@ class ConnectionLeases:
         # Connections already in autocommit from their connect (cache_engine's AUTOCOMMIT isolation level):
         # calls need not switch it on and back off.
         self.autocommit = getattr(engine.dialect, "_on_connect_isolation_level", None) == "AUTOCOMMIT"
+        # psycopg2 statements run PREPAREd (execution.py); only on Engines no one else uses (cache_engine).
+        self.prepare = False
+        self._prepared_lost = 0
         self._idle: collections.deque = collections.deque()
         self._waiting = 0  # callers blocked in the pool's own checkout; released connections go to them
         self._lock = threading.Lock()
@@ -180,6 +189,14 @@ class ConnectionLeases:
             if not lease.hung_up():
                 return lease
             lease.invalidate()  # also checks it back in
+
+    def prepared_statements_lost(self) -> bool:
+        """Counts a connection that lost its prepared statements; True when that turns preparing off."""
+        self._prepared_lost += 1
+        if self.prepare and self._prepared_lost >= LOST_PREPARED_LIMIT:
+            self.prepare = False
+            return True
+        return False
 
     def release(self, lease: Lease) -> None:
         """Keep `lease` idle for the next call, or give it back to the pool."""

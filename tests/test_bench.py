@@ -333,3 +333,29 @@ def test_the_floor_s_table_is_unlogged_as_the_cache_s_is_and_its_logged_twin_is_
                  .scalar() for name in (unlogged, logged)]
         connection.execute(text(f'DROP SCHEMA "{empty_schema}_logged" CASCADE'))
     assert kinds == ["u", "p"]
+
+
+def test_the_library_sql_contender_replays_the_library_s_prepared_statements(pg_url, schema):
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    from fastpgcache import FastPgCache
+    from fastpgcache.bench.contenders import Psycopg2Floor
+
+    sql = bench.capture_sql(make_url(pg_url), schema)
+    prepared = {statement.split()[1] for statement in sql["prepare"]}  # PREPARE <name> AS ...
+    for call in ("get", "set", "incr"):
+        verb, name = sql[call][0].split("(")[0].split()
+        assert verb == "EXECUTE" and name in prepared
+    url = make_url(pg_url)
+    replay = Psycopg2Floor(bench.LIB_SQL, lambda: psycopg2.connect(
+        host=url.host, port=url.port, user=url.username, dbname=url.database), sql, hex_values=True)
+    try:
+        replay.set("replayed", {"n": 1})
+        assert replay.incr("counted") == 1 and replay.incr("counted") == 2
+        with FastPgCache(url=pg_url, schema=schema, use_cuckoo_filter=False) as cache:
+            assert cache.get("replayed") == {"n": 1} and cache.get("counted") == 2
+            cache.set("written", [1, 2])
+        assert replay.get("written") == [1, 2] and replay.get("missing") is None
+    finally:
+        replay.close()

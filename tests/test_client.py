@@ -5,10 +5,13 @@ import threading
 from contextlib import redirect_stdout
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from fastpgcache import CacheConnectionError, CacheNotSetUpError, FastPgCache
 from fastpgcache.client import build_url
+from fastpgcache.execution import scalar
+from fastpgcache.leases import LOST_PREPARED_LIMIT
 
 
 @pytest.fixture
@@ -158,6 +161,89 @@ def test_prepared_statement_errors_point_at_the_pooler_setting(engine, statement
         with pytest.raises(sa_exc.DBAPIError) as raised:
             connection.exec_driver_sql(statement)
     assert "prepare_threshold=None" in str(translate(raised.value, "public.cache"))
+
+
+# -- psycopg2's statements PREPAREd on FastPgCache's own connections ---------------------------
+
+def psycopg2_client(pg_url, schema, **options) -> FastPgCache:
+    # maxconn=1: every call, and bind.connect() below, runs on the one connection.
+    url = make_url(pg_url).set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return FastPgCache(url=url, schema=schema, minconn=1, maxconn=1, use_cuckoo_filter=False, **options)
+
+
+def prepared_runs(client: FastPgCache) -> dict:
+    """The client connection's prepared statements: text -> how many times each was planned (= run)."""
+    with client.bind.connect() as connection:
+        return dict(connection.execute(text(
+            "SELECT statement, generic_plans + custom_plans FROM pg_prepared_statements")).all())
+
+
+def test_psycopg2_client_runs_its_statements_prepared(pg_url, schema):
+    with psycopg2_client(pg_url, schema) as client:
+        for i in range(10):
+            assert client.set("k", i) is True and client.get("k") == i
+        runs = prepared_runs(client)
+    assert [n for statement, n in runs.items() if "_set(" in statement] == [10]
+    assert [n for statement, n in runs.items() if statement.startswith("PREPARE fastpgcache_") and
+            f"FROM {schema}.cache " in statement and "value" in statement] == [10]
+
+
+def test_psycopg2_client_prepares_nothing_with_prepare_threshold_none(pg_url, schema):
+    with psycopg2_client(pg_url, schema, prepare_threshold=None) as client:
+        for i in range(10):
+            assert client.set("k", i) is True and client.get("k") == i
+        assert prepared_runs(client) == {}
+
+
+def test_prepared_statements_the_server_lost_are_prepared_again_then_given_up(pg_url, schema, caplog):
+    with psycopg2_client(pg_url, schema) as client, caplog.at_level(logging.WARNING, logger="fastpgcache"):
+        assert client.set("k", "v") is True and client.incr("n") == 1  # both prepared
+        for lost in range(1, LOST_PREPARED_LIMIT + 1):
+            with client.bind.connect() as connection:
+                connection.exec_driver_sql("DEALLOCATE ALL")  # as a pooler's DISCARD ALL would
+            assert client.incr("n") == lost + 1  # the failed EXECUTE ran nothing: the retry counts once
+            assert client.get("k") == "v"
+            assert client.bind.pool.checkedout() == 1 and client.stats()["errors"] == 0
+        assert prepared_runs(client) == {}  # the third loss turned preparing off
+        assert client.incr("n") == LOST_PREPARED_LIMIT + 2
+    assert len([r for r in caplog.records if "running unprepared from now on" in r.getMessage()]) == 1
+
+
+def test_a_prepared_read_survives_a_migration_changing_its_columns(pg_url, schema, engine):
+    with psycopg2_client(pg_url, schema) as client:
+        client.set("k", "v")
+        assert client.get("k") == "v"
+        with engine.begin() as connection:  # "cached plan must not change result type" for the prepared read
+            connection.exec_driver_sql(f'ALTER TABLE "{schema}".cache ALTER COLUMN flags TYPE integer')
+        assert client.get("k") == "v"
+        assert client.set("k", "w") is True and client.get("k") == "w"
+
+
+def test_a_statement_postgresql_cannot_prepare_runs_unprepared(pg_url, schema):
+    with psycopg2_client(pg_url, schema) as client:
+        untyped = text("SELECT :x IS NULL")  # PREPARE: could not determine data type of parameter $1
+        assert client._execute(untyped, {"x": None}, scalar) is True
+        assert client._execute(untyped, {"x": 1}, scalar) is False
+        assert client._compiled[untyped].prepared is None
+
+
+def test_behind_pgbouncer_prepared_psycopg2_calls_stay_exact(start_pgbouncer, schema):
+    # Transaction mode hands each call any server connection: an EXECUTE may land where nothing was
+    # PREPAREd. Every call must still run exactly once.
+    pooled = start_pgbouncer().render_as_string(hide_password=False)
+    with FastPgCache(url=pooled, schema=schema, maxconn=4, use_cuckoo_filter=False) as client:
+        def count(worker: int):
+            for i in range(100):
+                client.incr(f"n{worker}")
+                assert client.set(f"k{worker}", i) is True and client.get(f"k{worker}") == i
+
+        threads = [threading.Thread(target=count, args=(worker,)) for worker in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert client.get_many([f"n{worker}" for worker in range(6)]) == {f"n{worker}": 100 for worker in range(6)}
+        assert client.stats()["errors"] == 0
 
 
 def test_behind_a_default_pgbouncer_the_error_names_the_timeout_options(start_pgbouncer, schema):

@@ -116,14 +116,16 @@ def test_a_stopped_server_gives_a_clear_error_or_a_failsafe_miss(server, own_sch
 
 
 def _backend_waiting_on_a_lock(engine, schema, outcome, seconds=15.0) -> int:
-    # The pid of this test's cache statement (its SQL names the test's own schema) once it waits on the lock.
+    # The pid of this test's cache statement once it waits on the lock: its SQL names the test's own schema,
+    # or it runs as one of the cache's prepared statements (psycopg2 on FastPgCache's Engine).
     deadline = time.monotonic() + seconds
     # AUTOCOMMIT: pg_stat_activity is a snapshot taken once per transaction; each poll needs a fresh one.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         while time.monotonic() < deadline:
             pid = connection.execute(text(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid() "
-                "AND position(:schema in query) > 0"), {"schema": schema}).scalar()
+                "AND (position(:schema in query) > 0 OR query LIKE 'EXECUTE fastpgcache\\_%')"),
+                {"schema": schema}).scalar()
             if pid:
                 return pid
             time.sleep(0.02)

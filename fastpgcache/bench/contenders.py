@@ -66,8 +66,9 @@ class Contender:
 class Psycopg2Floor(Contender):
     """Raw psycopg2 in autocommit, one connection per thread, running the SQL it is given.
 
-    `sql` maps each call to (statement, fixed params); `hex_values` sends values as hex text, as the
-    library's write functions take them."""
+    `sql` maps each call to (statement, fixed params), and "prepare" (if present) to statements each
+    new connection runs first; `hex_values` sends values as hex text, as the library's write functions
+    take them."""
 
     def __init__(self, name: str, connect: Callable, sql: dict, workloads: set | None = None,
                  hex_values: bool = False):
@@ -85,6 +86,8 @@ class Psycopg2Floor(Contender):
             connection.autocommit = True
             self._all.append(connection)
             local.cursor = connection.cursor()
+            for statement in self._sql.get("prepare", ()):
+                local.cursor.execute(statement)
         return local.cursor
 
     def _value(self, value):

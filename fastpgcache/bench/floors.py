@@ -1,11 +1,12 @@
 """The floors every ratio is measured against: plain SQL on a plain table, and the library's own SQL."""
 from __future__ import annotations
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from ..cache import Cache
+from ..client import cache_engine
 
 FLOOR_TABLE = "floor"
 """The floor's plain table in the bench schema: the cache's columns, index and fillfactor, nothing else."""
@@ -48,10 +49,12 @@ def create_floor_table(connection, schema: str, logged: bool = False) -> str:
 
 
 def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
-    """The exact SQL text and literal parameters the library sends for get, get_many, set and incr.
+    """The exact SQL and literal parameters the library sends for get, get_many, set and incr.
 
-    Recorded at the driver's cursor, below however the library executes, so the
-    replaying contender sends the very same strings (function calls included).
+    Recorded at the driver's cursor of an Engine like FastPgCache's own, below
+    however the library executes, so the replaying contender sends the very same
+    strings: each call's EXECUTE, after the PREPAREs listed under "prepare"
+    (which it runs once per connection, as the library does).
     """
     import psycopg2.extensions
 
@@ -63,19 +66,23 @@ def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
             return super().execute(query, vars)
 
     # psycopg2 whatever the URL names: the replaying contender is psycopg2, so it replays psycopg2's SQL.
-    engine = create_engine(make_url(url).set(drivername="postgresql+psycopg2"),
-                           connect_args={"cursor_factory": RecordingCursor}, poolclass=NullPool)
+    engine = cache_engine(make_url(url).set(drivername="postgresql+psycopg2"),
+                          connect_args={"cursor_factory": RecordingCursor}, poolclass=NullPool)
     cache = Cache(engine, schema=schema, table=table, expire_every=None)
     calls = {"set": ("_set(", lambda: cache.set("bench:capture", 1)),
              "get": ("SELECT", lambda: cache.get("bench:capture")),
              "get_many": ("SELECT", lambda: cache.get_many(["bench:capture"])),
              "incr": ("_incr(", lambda: cache.incr("bench:capture:n"))}
-    sql = {}
+    sql: dict = {"prepare": []}
     try:
         for name, (mark, call) in calls.items():
             seen.clear()
             call()
-            sql[name] = next(item for item in seen if _is_cache_sql(item[0], mark))
+            at = next(i for i, item in enumerate(seen) if _is_cache_sql(item[0], mark))
+            if str(seen[at][0]).startswith("PREPARE "):  # the call's own statement is the EXECUTE after it
+                sql["prepare"].append(seen[at][0])
+                at += 1
+            sql[name] = seen[at]
         cache.delete_many(["bench:capture", "bench:capture:n"])
     finally:
         engine.dispose()
