@@ -43,6 +43,11 @@ _CHANNEL = (f"'{CHANNEL_PREFIX}' OPERATOR(pg_catalog.||) pg_catalog.left(pg_cata
             "secret OPERATOR(pg_catalog.||) '\\x00'::pg_catalog.bytea), 'hex'), 32)")
 
 
+def expiry_index_name(table: str) -> str:
+    """The index that finds one role's rows by expiry (migration 0005); fits 63 bytes beside a 48-byte table name."""
+    return f"{table}_expiry_idx"
+
+
 def _entry_table(name: str, metadata: MetaData) -> Table:
     # Built by a function so a cache under another table name has the same
     # columns without a second definition. No schema: Cache maps it at run time.
@@ -57,6 +62,7 @@ def _entry_table(name: str, metadata: MetaData) -> Table:
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         PrimaryKeyConstraint("user_id", "key", name=f"{name}_pkey"),
         Index(f"{name}_expires_at_idx", "expires_at", postgresql_where=text("expires_at IS NOT NULL")),
+        Index(expiry_index_name(name), "user_id", "expires_at", postgresql_where=text("expires_at IS NOT NULL")),
         prefixes=["UNLOGGED"],
         # Cache writes never need the inserted key back; skip the RETURNING SQLAlchemy would add.
         implicit_returning=False,

@@ -85,16 +85,18 @@ def explain(engine):
 
 @pytest.fixture
 def nested_plans(engine):
-    """nested_plans(cache, statement, params): the plans of every statement the call runs, the ones inside
-    the write functions included (auto_explain, logged to the client as notices; rolled back after)."""
+    """nested_plans(cache, statement, params, settings=()): the plans of every statement the call runs, the
+    ones inside the write functions included (auto_explain, logged to the client as notices; rolled back
+    after); `settings` are SET statements run first."""
 
-    def plans(cache, statement, params) -> str:
+    def plans(cache, statement, params, settings=()) -> str:
         identity = cache._identity_now()
         compiled = cache._compile(statement, engine.dialect)
         values = compiled.construct_params({**params, "me": identity.user, "secret": identity.secret_hex})
         with engine.connect() as connection:
             for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
-                            "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = notice"):
+                            "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = notice",
+                            *settings):
                 connection.exec_driver_sql(setting)
             raw = connection.connection.dbapi_connection  # its own cursor: SQLAlchemy would take the notices
             notices = raw.notices if hasattr(raw, "notices") else []  # psycopg2 collects them; psycopg 3 calls back

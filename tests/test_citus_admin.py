@@ -205,11 +205,11 @@ def test_an_upgrade_through_a_new_revision_keeps_the_table_distributed(citus, ci
     # A later release's revision, changing the table: the migrations of this checkout plus one.
     migrations = tmp_path / "alembic"
     shutil.copytree(ROOT / "alembic", migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0005_note.py").write_text('''
+    (migrations / "versions" / "0099_note.py").write_text('''
 from alembic import context, op
 
-revision = "0005_note"
-down_revision = "0004_write_functions"
+revision = "0099_note"
+down_revision = "0005_expiry_index"
 branch_labels = None
 depends_on = None
 
@@ -225,7 +225,7 @@ def downgrade():
 ''')
     monkeypatch.setattr("fastpgcache.admin.migrations_dir", lambda: migrations)
     status = setup_cache(engine=citus_admin, schema=schema)
-    assert status["revision"] == "0005_note" and status["distribution"]["shards"] == 4 and not status["problems"]
+    assert status["revision"] == "0099_note" and status["distribution"]["shards"] == 4 and not status["problems"]
     with citus_admin.connect() as connection:
         columns = connection.execute(text(
             "SELECT result FROM run_command_on_shards(:t, $$SELECT count(*) FROM pg_attribute"
@@ -252,7 +252,7 @@ def test_alembic_upgrades_an_older_plain_table_and_distributes_it_with_its_rows(
                                 "SELECT 'someone', 'k' || i, 'v' FROM generate_series(1, 25) AS i"))
     alembic("-x", "distributed=true", "-x", "shard_count=4", "upgrade", "head")
     status = cache_status(citus_admin, schema)
-    assert status["revision"] == "0004_write_functions" and status["distribution"]["shards"] == 4
+    assert status["revision"] == "0005_expiry_index" and status["distribution"]["shards"] == 4
     assert _scalar(citus.worker_urls[1], f'SELECT count(*) FROM "{schema}".cache') == 25
     alembic("downgrade", "0003_fillfactor")  # the trigger of 0003 cannot live on a Citus table: local again
     assert cache_status(citus_admin, schema)["distribution"] is None

@@ -39,6 +39,7 @@ def test_table_is_unlogged_with_primary_key_and_partial_index(engine, schema):
         definition = connection.execute(text("SELECT pg_get_indexdef(to_regclass(:ix)::oid)"),
                                         {"ix": f"{schema}.cache_expires_at_idx"}).scalar()
     assert "WHERE (expires_at IS NOT NULL)" in definition
+    assert indexes["cache_expiry_idx"]["column_names"] == ["user_id", "expires_at"]  # one role's rows by expiry
     columns = {c["name"]: c for c in inspector.get_columns("cache", schema=schema)}
     assert set(columns) == {"user_id", "key", "value", "flags", "expires_at", "created_at"}
     assert "current_user" in columns["user_id"]["default"].lower()
