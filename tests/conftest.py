@@ -1,6 +1,7 @@
 """Fixtures: a real PostgreSQL (FASTPGCACHE_TEST_URL, else an embedded server) and a fresh schema per test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -164,6 +165,14 @@ def in_threads():
     return run_all
 
 
+def drop_roles(engine, names) -> None:
+    """Drop test roles and everything they own (on Citus, on every node)."""
+    with engine.begin() as connection:
+        for name in names:
+            connection.execute(text(f'DROP OWNED BY "{name}" CASCADE'))
+            connection.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+
+
 @pytest.fixture(scope="session")
 def make_role(engine, pg_url):
     """Create a LOGIN role (no superuser, no BYPASSRLS) and return (name, url); dropped at the end."""
@@ -181,10 +190,7 @@ def make_role(engine, pg_url):
         return name, url
 
     yield make
-    with engine.begin() as connection:
-        for name in created:
-            connection.execute(text(f'DROP OWNED BY "{name}" CASCADE'))
-            connection.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+    drop_roles(engine, created)
 
 
 @pytest.fixture
@@ -308,16 +314,13 @@ def citus_role(citus, citus_admin):
         return name, urls
 
     yield make
-    with citus_admin.begin() as connection:
-        for name in created:
-            connection.execute(text(f'DROP OWNED BY "{name}" CASCADE'))
-            connection.execute(text(f'DROP ROLE IF EXISTS "{name}"'))
+    drop_roles(citus_admin, created)
 
 
-@pytest.fixture
-def citus_schema(citus_admin):
-    """citus_schema(**setup options): a new schema with a cache table set up distributed (8 shards unless
-    told otherwise); every one made is dropped afterwards."""
+@contextlib.contextmanager
+def _distributed_schemas(citus_admin):
+    # make(**setup options): a new schema with a cache table set up distributed (8 shards unless told
+    # otherwise); every one made is dropped on leaving.
     made = []
 
     def make(**options):
@@ -326,7 +329,24 @@ def citus_schema(citus_admin):
         setup_cache(engine=citus_admin, schema=name, **{"distributed": True, "shard_count": 8, **options})
         return name
 
-    yield make
-    with citus_admin.begin() as connection:
-        for name in made:
-            connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    try:
+        yield make
+    finally:
+        with citus_admin.begin() as connection:
+            for name in made:
+                connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+
+
+@pytest.fixture
+def citus_schema(citus_admin):
+    """citus_schema(**setup options): a new schema with a cache table set up distributed (8 shards unless
+    told otherwise); every one made is dropped afterwards."""
+    with _distributed_schemas(citus_admin) as make:
+        yield make
+
+
+@pytest.fixture(scope="module")
+def citus_shared(citus_admin):
+    """One distributed cache schema (8 shards) for the tests of a module that only touch their own keys."""
+    with _distributed_schemas(citus_admin) as make:
+        yield make()

@@ -25,18 +25,6 @@ ENTRIES = ("coordinator", "worker0")
 
 
 @pytest.fixture(scope="module")
-def shared(citus_admin):
-    """One distributed cache schema for the tests that only read and write their own keys."""
-    from uuid import uuid4
-
-    name = f"c_{uuid4().hex[:10]}"
-    setup_cache(engine=citus_admin, schema=name, distributed=True, shard_count=8)
-    yield name
-    with citus_admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-
-
-@pytest.fixture(scope="module")
 def app(citus_role):
     """A LOGIN role used by most tests here: (name, urls)."""
     return citus_role("app")
@@ -87,9 +75,9 @@ def keys_on(admin, schema: str, port: int, count: int, prefix: str = "k") -> lis
 # -- every public call -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_every_public_call_on_the_distributed_table(shared, app, engines, entry):
+def test_every_public_call_on_the_distributed_table(citus_shared, app, engines, entry):
     name, urls = app
-    cache = Cache(engines(urls[entry]), schema=shared, expire_every=None)
+    cache = Cache(engines(urls[entry]), schema=citus_shared, expire_every=None)
     tag = f"{entry}:"
     cache.clear(escape_glob(tag) + "*")
     assert cache.set(tag + "a", {"n": 1}) is True and cache.get(tag + "a") == {"n": 1}
@@ -180,53 +168,54 @@ def test_expiry_on_write_trimming_and_culling_in_bounded_batches(citus_admin, ci
 
 # -- isolation between real roles --------------------------------------------------------------
 
-def test_roles_see_and_write_only_their_own_rows_on_every_node(citus, shared, citus_role, engines, citus_admin):
+def test_roles_see_and_write_only_their_own_rows_on_every_node(citus, citus_shared, citus_role, engines, citus_admin):
     alice, alice_urls = citus_role("alice")
     mallory, mallory_urls = citus_role("mallory")
-    Cache(engines(alice_urls["coordinator"]), schema=shared).set_many({f"secret{i}": "alice's" for i in range(16)})
+    Cache(engines(alice_urls["coordinator"]), schema=citus_shared).set_many(
+        {f"secret{i}": "alice's" for i in range(16)})
     for entry in ("coordinator", "worker0", "worker1"):
-        spy = Cache(engines(mallory_urls[entry]), schema=shared)
+        spy = Cache(engines(mallory_urls[entry]), schema=citus_shared)
         assert spy.get_many([f"secret{i}" for i in range(16)]) == {} and spy.keys() == []
         with pytest.raises(CachePermissionError):
-            Cache(spy.bind, schema=shared, user_id=alice).set("secret0", "forged")
+            Cache(spy.bind, schema=citus_shared, user_id=alice).set("secret0", "forged")
         with spy.bind.connect() as connection:
-            assert connection.execute(text(f'SELECT count(*) FROM "{shared}".cache_secrets'
+            assert connection.execute(text(f'SELECT count(*) FROM "{citus_shared}".cache_secrets'
                                            " WHERE user_id <> current_user")).scalar() == 0
             with pytest.raises(sa_exc.ProgrammingError, match="permission denied"):
-                connection.execute(text(f"INSERT INTO \"{shared}\".cache (user_id, key, value) "
+                connection.execute(text(f"INSERT INTO \"{citus_shared}\".cache (user_id, key, value) "
                                         f"VALUES ('{alice}', 'secret0', 'x')"))
     # A worker's shard, read or locked by name, is no way around it either.
-    shard = shard_of(citus_admin, shared, "secret0")
+    shard = shard_of(citus_admin, citus_shared, "secret0")
     on_worker = engines(mallory_urls[entry_of(citus, port_of(citus_admin, shard))])
     with on_worker.connect() as connection:
-        assert connection.execute(text(f'SELECT count(*) FROM "{shared}".cache_{shard}')).scalar() == 0
-    for statement in (f"UPDATE \"{shared}\".cache_{shard} SET value = 'x'",
-                      f"LOCK TABLE \"{shared}\".cache_{shard} IN EXCLUSIVE MODE NOWAIT"):
+        assert connection.execute(text(f'SELECT count(*) FROM "{citus_shared}".cache_{shard}')).scalar() == 0
+    for statement in (f"UPDATE \"{citus_shared}\".cache_{shard} SET value = 'x'",
+                      f"LOCK TABLE \"{citus_shared}\".cache_{shard} IN EXCLUSIVE MODE NOWAIT"):
         with on_worker.begin() as connection:
             # Citus refuses changes to a shard by name; with that switched off, PostgreSQL's privileges still do.
             connection.execute(text("SET LOCAL citus.enable_manual_changes_to_shards = on"))
             with pytest.raises(sa_exc.ProgrammingError, match="permission denied"):
                 connection.execute(text(statement))
-    assert Cache(engines(alice_urls["worker1"]), schema=shared).get("secret0") == "alice's"
+    assert Cache(engines(alice_urls["worker1"]), schema=citus_shared).get("secret0") == "alice's"
 
 
 # -- the caller's transaction ------------------------------------------------------------------
 
-def test_a_session_s_writes_commit_on_both_workers_by_two_phase_commit_or_not_at_all(citus, shared, app, engines,
+def test_a_session_s_writes_commit_on_both_workers_by_two_phase_commit_or_not_at_all(citus, citus_shared, app, engines,
                                                                                       citus_admin):
     _, urls = app
     engine = engines(urls["coordinator"])
     ports = [make_url(url).port for url in citus.worker_urls]
-    keys = keys_on(citus_admin, shared, ports[0], 3, "tx") + keys_on(citus_admin, shared, ports[1], 3, "tx")
+    keys = keys_on(citus_admin, citus_shared, ports[0], 3, "tx") + keys_on(citus_admin, citus_shared, ports[1], 3, "tx")
     with Session(engine) as session:
-        cache = Cache(session, schema=shared)
+        cache = Cache(session, schema=citus_shared)
         assert cache.get_many(keys) == {} and cache.set_many({key: key for key in keys}) == 6
         session.rollback()
-    assert Cache(engine, schema=shared).get_many(keys) == {}
+    assert Cache(engine, schema=citus_shared).get_many(keys) == {}
     with Session(engine) as session:
         raw = session.connection().connection.dbapi_connection
         session.execute(text("SET LOCAL citus.log_remote_commands = on"))
-        cache = Cache(session, schema=shared)
+        cache = Cache(session, schema=citus_shared)
         cache.set_many({key: key for key in keys})
         cache.delete(keys[0])
         del raw.notices[:]
@@ -235,19 +224,19 @@ def test_a_session_s_writes_commit_on_both_workers_by_two_phase_commit_or_not_at
     # One prepared transaction per worker connection the statements used (a batch may use several per worker).
     assert {int(re.search(r":(\d+) connectionId", note).group(1)) for note in prepared} == set(ports)
     assert len([note for note in raw.notices if "COMMIT PREPARED" in note]) == len(prepared)
-    assert Cache(engines(urls["worker1"]), schema=shared).get_many(keys) == {key: key for key in keys[1:]}
+    assert Cache(engines(urls["worker1"]), schema=citus_shared).get_many(keys) == {key: key for key in keys[1:]}
 
 
-def test_reading_a_shard_the_transaction_wrote_fails_clearly_and_other_shards_read(citus, shared, app, engines,
+def test_reading_a_shard_the_transaction_wrote_fails_clearly_and_other_shards_read(citus, citus_shared, app, engines,
                                                                                       citus_admin):
     # Citus cannot read, as this role, a shard that the write functions (running as the owner) wrote in this
     # transaction: the error says so, and what to do.
     _, urls = app
     ports = [make_url(url).port for url in citus.worker_urls]
-    written, other = (keys_on(citus_admin, shared, port, 1, "rw")[0] for port in ports)
-    Cache(engines(urls["coordinator"]), schema=shared).set(other, "committed")
+    written, other = (keys_on(citus_admin, citus_shared, port, 1, "rw")[0] for port in ports)
+    Cache(engines(urls["coordinator"]), schema=citus_shared).set(other, "committed")
     with Session(engines(urls["coordinator"])) as session:
-        cache = Cache(session, schema=shared)
+        cache = Cache(session, schema=citus_shared)
         assert cache.set(written, 1) and cache.get(other) == "committed"
         with pytest.raises(CacheError, match=r"distributed by Citus\): in one transaction, read a key before"):
             cache.get(written)
@@ -255,9 +244,10 @@ def test_reading_a_shard_the_transaction_wrote_fails_clearly_and_other_shards_re
 # -- the stampede claim ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("entry", ENTRIES)
-def test_a_stampede_computes_once_whichever_node_the_callers_enter_through(shared, app, engines, in_threads, entry):
+def test_a_stampede_computes_once_whichever_node_the_callers_enter_through(citus_shared, app, engines, in_threads,
+                                                                           entry):
     _, urls = app
-    cache = Cache(engines(urls[entry], pool_size=10), schema=shared)
+    cache = Cache(engines(urls[entry], pool_size=10), schema=citus_shared)
     key = f"stampede:{entry}"
     cache.delete(key)
     calls, results = [], []
@@ -271,9 +261,9 @@ def test_a_stampede_computes_once_whichever_node_the_callers_enter_through(share
     assert calls == [1] and results == ["computed"] * 8
 
 
-def test_a_waiter_gives_up_after_its_wait_and_computes_for_itself(shared, app, engines):
+def test_a_waiter_gives_up_after_its_wait_and_computes_for_itself(citus_shared, app, engines):
     _, urls = app
-    cache = Cache(engines(urls["coordinator"], pool_size=4), schema=shared)
+    cache = Cache(engines(urls["coordinator"], pool_size=4), schema=citus_shared)
     key = "stampede:held"
     cache.delete(key)
     holding, release = threading.Event(), threading.Event()
@@ -300,9 +290,10 @@ def test_a_waiter_gives_up_after_its_wait_and_computes_for_itself(shared, app, e
 
 # -- the shards each call touches ----------------------------------------------------------------
 
-def test_a_single_key_read_is_one_task_and_a_batch_one_task_per_shard_it_touches(shared, app, engines, citus_admin):
+def test_a_single_key_read_is_one_task_and_a_batch_one_task_per_shard_it_touches(citus_shared, app, engines,
+                                                                                 citus_admin):
     _, urls = app
-    cache = Cache(engines(urls["coordinator"]), schema=shared)
+    cache = Cache(engines(urls["coordinator"]), schema=citus_shared)
 
     def tasks(statement, params) -> int:
         compiled = cache._compile(statement, cache.bind.dialect)
@@ -314,7 +305,7 @@ def test_a_single_key_read_is_one_task_and_a_batch_one_task_per_shard_it_touches
     assert tasks(cache._s.get, {"k": "one"}) == 1
     assert tasks(cache._s.exists, {"k": "one"}) == 1 and tasks(cache._s.ttl, {"k": "one"}) == 1
     keys = [f"batch{i}" for i in range(5)]
-    shards = {shard_of(citus_admin, shared, key) for key in keys}
+    shards = {shard_of(citus_admin, citus_shared, key) for key in keys}
     assert 1 < len(shards) < 8
     from fastpgcache.statements import text_array
 
@@ -342,28 +333,29 @@ def _shards_written(engine, schema, work, *, autocommit: bool) -> tuple[set[int]
     return {int(shard) for note in notes for shard in pattern.findall(note)}, notes
 
 
-def test_a_single_key_write_touches_one_shard_and_a_batch_one_per_shard(shared, app, engines, citus_admin):
+def test_a_single_key_write_touches_one_shard_and_a_batch_one_per_shard(citus_shared, app, engines, citus_admin):
     _, urls = app
     engine = engines(urls["coordinator"])
-    one = shard_of(citus_admin, shared, "w:one")
-    assert _shards_written(engine, shared, lambda c: c.set("w:one", 1), autocommit=False)[0] == {one}
-    assert _shards_written(engine, shared, lambda c: c.incr("w:one"), autocommit=False)[0] == {one}
+    one = shard_of(citus_admin, citus_shared, "w:one")
+    assert _shards_written(engine, citus_shared, lambda c: c.set("w:one", 1), autocommit=False)[0] == {one}
+    assert _shards_written(engine, citus_shared, lambda c: c.incr("w:one"), autocommit=False)[0] == {one}
     keys = [f"w:batch{i}" for i in range(5)]
-    shards = {shard_of(citus_admin, shared, key) for key in keys}
-    assert _shards_written(engine, shared, lambda c: c.set_many({k: 1 for k in keys}), autocommit=False)[0] == shards
-    assert _shards_written(engine, shared, lambda c: c.delete_many(keys), autocommit=False)[0] == shards
+    shards = {shard_of(citus_admin, citus_shared, key) for key in keys}
+    written = _shards_written(engine, citus_shared, lambda c: c.set_many({k: 1 for k in keys}), autocommit=False)
+    assert written[0] == shards
+    assert _shards_written(engine, citus_shared, lambda c: c.delete_many(keys), autocommit=False)[0] == shards
     # Outside a transaction Citus hands the whole call to the key's worker: one command, nothing else.
-    _, notes = _shards_written(engine, shared, lambda c: c.set("w:one", 2), autocommit=True)
+    _, notes = _shards_written(engine, citus_shared, lambda c: c.set("w:one", 2), autocommit=True)
     issued = [note for note in notes if "issuing" in note]
     assert len(issued) == 1 and "_set(" in issued[0] and f":{port_of(citus_admin, one)} " in issued[0]
 
 
 # -- the negative-lookup guard -------------------------------------------------------------------
 
-def test_the_guard_is_off_on_a_distributed_table_and_never_answers_absent(shared, app, caplog):
+def test_the_guard_is_off_on_a_distributed_table_and_never_answers_absent(citus_shared, app, caplog):
     _, urls = app
     with caplog.at_level(logging.WARNING, logger="fastpgcache.guard"):
-        client = FastPgCache(url=urls["coordinator"], schema=shared, use_cuckoo_filter=True)
+        client = FastPgCache(url=urls["coordinator"], schema=citus_shared, use_cuckoo_filter=True)
         try:
             deadline = time.monotonic() + 10
             while not client.guard.state.startswith("off") and time.monotonic() < deadline:
@@ -402,7 +394,7 @@ def test_distributing_a_table_turns_its_guards_off_at_once(citus_admin, citus_ro
 
 # -- any node as the entry point -------------------------------------------------------------------
 
-def test_a_client_spreads_its_connections_over_every_node_it_is_given(shared, app, engines):
+def test_a_client_spreads_its_connections_over_every_node_it_is_given(citus_shared, app, engines):
     _, urls = app
     url = multi_host_url([urls["coordinator"], urls["worker0"], urls["worker1"]])
     engine = engines(url, pool_size=20, max_overflow=0)
@@ -415,7 +407,7 @@ def test_a_client_spreads_its_connections_over_every_node_it_is_given(shared, ap
         for connection in connections:
             connection.close()
     assert len(ports) >= 2  # libpq picks a random host per connection: all 20 on one node is 3 in 3**20
-    client = FastPgCache(url=url, schema=shared, use_cuckoo_filter=False)
+    client = FastPgCache(url=url, schema=citus_shared, use_cuckoo_filter=False)
     try:
         assert client.set_many({f"mh{i}": i for i in range(30)}) == 30
         assert client.get_many([f"mh{i}" for i in range(30)]) == {f"mh{i}": i for i in range(30)}
@@ -423,10 +415,10 @@ def test_a_client_spreads_its_connections_over_every_node_it_is_given(shared, ap
         client.close()
 
 
-def test_a_node_that_is_down_is_skipped_by_a_multi_host_url(shared, app, engines):
+def test_a_node_that_is_down_is_skipped_by_a_multi_host_url(citus_shared, app, engines):
     _, urls = app
     dead = urls["coordinator"].set(port=1)  # nothing listens there
-    cache = Cache(engines(multi_host_url([dead, urls["worker1"]], load_balance=False)), schema=shared)
+    cache = Cache(engines(multi_host_url([dead, urls["worker1"]], load_balance=False)), schema=citus_shared)
     assert cache.set("mh:alive", 1) and cache.get("mh:alive") == 1
 
 
@@ -442,15 +434,15 @@ def test_multi_host_url_refuses_lists_it_cannot_merge():
 
 # -- failsafe with a worker down (last: it restarts a worker of the session's cluster) ------------------
 
-def test_failsafe_answers_misses_for_the_keys_of_a_worker_that_is_down(citus, shared, app, engines, citus_admin):
+def test_failsafe_answers_misses_for_the_keys_of_a_worker_that_is_down(citus, citus_shared, app, engines, citus_admin):
     _, urls = app
     down, up = citus.workers[1], citus.workers[0]
-    on_down = keys_on(citus_admin, shared, down.port, 2, "fs")
-    on_up = keys_on(citus_admin, shared, up.port, 2, "fs")
-    writer = Cache(engines(urls["coordinator"]), schema=shared, expire_every=None)
+    on_down = keys_on(citus_admin, citus_shared, down.port, 2, "fs")
+    on_up = keys_on(citus_admin, citus_shared, up.port, 2, "fs")
+    writer = Cache(engines(urls["coordinator"]), schema=citus_shared, expire_every=None)
     writer.set_many({key: key for key in on_down + on_up})
     errors = []
-    cache = Cache(engines(urls["coordinator"]), schema=shared, failsafe=True, expire_every=None,
+    cache = Cache(engines(urls["coordinator"]), schema=citus_shared, failsafe=True, expire_every=None,
                   on_error=lambda error, operation: errors.append(operation))
     down._stop_server("fast")
     try:

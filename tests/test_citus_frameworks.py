@@ -51,22 +51,11 @@ DJANGO_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def distributed(citus_admin):
-    from fastpgcache import setup_cache
-
-    name = f"c_{uuid.uuid4().hex[:10]}"
-    setup_cache(engine=citus_admin, schema=name, distributed=True, shard_count=8)
-    yield name
-    with citus_admin.begin() as connection:
-        connection.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
-
-
 @pytest.mark.parametrize("entry", ["coordinator", "worker1"])
-def test_the_django_backend_on_a_distributed_table(distributed, citus_role, entry):
+def test_the_django_backend_on_a_distributed_table(citus_shared, citus_role, entry):
     _, urls = citus_role("django")
     url = urls[entry].render_as_string(hide_password=False)
-    done = subprocess.run([sys.executable, "-c", DJANGO_SCRIPT, url, distributed], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", DJANGO_SCRIPT, url, citus_shared], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "django ok", done.stderr[-3000:]
 
@@ -76,12 +65,12 @@ flask_caching = pytest.importorskip("flask_caching")
 flask_sqlalchemy = pytest.importorskip("flask_sqlalchemy")
 
 
-def test_the_flask_backend_and_cached_views_on_a_distributed_table(distributed, citus_role):
+def test_the_flask_backend_and_cached_views_on_a_distributed_table(citus_shared, citus_role):
     _, urls = citus_role("flask")
     app = flask.Flask(f"app_{uuid.uuid4().hex[:6]}")
     app.config.update(CACHE_TYPE="fastpgcache.contrib.flask.FastPgCache", SECRET_KEY="tests-only-" + uuid.uuid4().hex,
                       CACHE_FASTPGCACHE_URL=urls["worker0"].render_as_string(hide_password=False),
-                      CACHE_FASTPGCACHE_SCHEMA=distributed)
+                      CACHE_FASTPGCACHE_SCHEMA=citus_shared)
     views = flask_caching.Cache(app)
     backend = views.cache
     calls = []
@@ -104,16 +93,16 @@ def test_the_flask_backend_and_cached_views_on_a_distributed_table(distributed, 
     assert client.get("/report/mon").get_json()["calls"] == 3  # cleared: computed again
 
 
-def test_cache_writes_in_a_flask_request_commit_or_roll_back_across_workers(citus, distributed, citus_role,
+def test_cache_writes_in_a_flask_request_commit_or_roll_back_across_workers(citus, citus_shared, citus_role,
                                                                            citus_admin):
     name, urls = citus_role("notes")
-    table = f'"{distributed}".notes_{uuid.uuid4().hex[:6]}'
+    table = f'"{citus_shared}".notes_{uuid.uuid4().hex[:6]}'
     with citus_admin.begin() as connection:
         connection.execute(text(f"CREATE TABLE {table} (name text PRIMARY KEY, body text)"))
         connection.execute(text(f"SELECT create_distributed_table('{table}', 'name')"))
         connection.execute(text(f'GRANT SELECT, INSERT ON {table} TO "{name}"'))
     db = flask_sqlalchemy.SQLAlchemy()
-    pgcache = Cache(db.session, schema=distributed)
+    pgcache = Cache(db.session, schema=citus_shared)
     app = flask.Flask("notes")
     app.config.update(SQLALCHEMY_DATABASE_URI=urls["coordinator"].render_as_string(hide_password=False),
                       TESTING=True)  # a view's exception reaches the test
@@ -136,7 +125,7 @@ def test_cache_writes_in_a_flask_request_commit_or_roll_back_across_workers(citu
         return {"body": pgcache.get(f"note:{note}")}
 
     client = app.test_client()
-    outside = Cache(create_engine(urls["worker1"]), schema=distributed)
+    outside = Cache(create_engine(urls["worker1"]), schema=citus_shared)
     assert client.post("/notes/hello", data="hi there").status_code == 200
     assert outside.get_many(["note:hello", "len:hello", "words:hello"]) == {
         "note:hello": "hi there", "len:hello": 8, "words:hello": ["hi", "there"]}

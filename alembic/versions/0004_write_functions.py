@@ -31,6 +31,8 @@ Revision ID: 0004_write_functions
 Revises: 0003_fillfactor
 Create Date: 2026-11-29
 """
+import textwrap
+
 from sqlalchemy import MetaData, text
 
 from alembic import context, op
@@ -136,6 +138,26 @@ _ANNOUNCE_ONE = """
 
 _HEADER = ("RETURNS {returns} LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$\n"
            "DECLARE")
+
+
+def _expire_rows_of(user: str, removed: str, indent: int = 4) -> str:
+    """plpgsql removing up to p_batch of `user`'s expired rows (their count into `removed`, their bytes into
+    v_bytes), kept in the quota's count: the body shared by a role's expiry batch and the owner's cleanup."""
+    block = """IF v_quota THEN
+    PERFORM {hold}(USER, '{{}}');
+END IF;
+SELECT {batch_keys} INTO v_keys FROM (
+    SELECT e.key FROM {cache} AS e WHERE e.user_id = USER AND e.expires_at <= v_now LIMIT p_batch) AS e;
+WITH gone AS (
+    DELETE FROM {cache} AS c WHERE c.user_id = USER AND c.key = ANY (v_keys) AND c.expires_at <= v_now
+    RETURNING octet_length(c.key) + octet_length(c.value) AS size)
+SELECT count(*), coalesce(sum(g.size), 0) INTO REMOVED, v_bytes FROM gone AS g;
+IF v_quota THEN
+    PERFORM {charge}(USER, -REMOVED, -v_bytes, v_now);
+END IF;
+"""
+    return textwrap.indent(block.replace("USER", user).replace("REMOVED", removed), " " * indent)
+
 
 _FUNCTIONS = {
     # While a quota is set, every write of a role first locks the role's usage row, so its writes
@@ -446,19 +468,7 @@ BEGIN""" + _VERIFY + """
     ELSE
         PERFORM FROM {secrets} AS s WHERE s.user_id = p_user FOR NO KEY UPDATE;
     END IF;
-    IF v_quota THEN
-        PERFORM {hold}(p_user, '{{}}');
-    END IF;
-    SELECT {batch_keys} INTO v_keys FROM (
-        SELECT e.key FROM {cache} AS e WHERE e.user_id = p_user AND e.expires_at <= v_now LIMIT p_batch) AS e;
-    WITH gone AS (
-        DELETE FROM {cache} AS c WHERE c.user_id = p_user AND c.key = ANY (v_keys) AND c.expires_at <= v_now
-        RETURNING octet_length(c.key) + octet_length(c.value) AS size)
-    SELECT count(*), coalesce(sum(g.size), 0) INTO v_count, v_bytes FROM gone AS g;
-    IF v_quota THEN
-        PERFORM {charge}(p_user, -v_count, -v_bytes, v_now);
-    END IF;
-    RETURN v_count;
+""" + _expire_rows_of("p_user", "v_count") + """    RETURN v_count;
 END"""),
     # max_entries on the client: up to p_batch of the role's entries older than its newest p_keep.
     "trim": ("(p_user text, p_secret bytea, p_keep bigint, p_batch integer)", "integer", _DECLARE + """
@@ -527,19 +537,7 @@ BEGIN
     SELECT t.quota_entries IS NOT NULL OR t.quota_bytes IS NOT NULL INTO v_quota FROM {settings} AS t;
     FOR v_user IN SELECT DISTINCT e.user_id
                     FROM (SELECT d.user_id FROM {cache} AS d WHERE d.expires_at <= v_now LIMIT p_batch) AS e LOOP
-        IF v_quota THEN
-            PERFORM {hold}(v_user, '{{}}');
-        END IF;
-        SELECT {batch_keys} INTO v_keys FROM (
-            SELECT e.key FROM {cache} AS e WHERE e.user_id = v_user AND e.expires_at <= v_now LIMIT p_batch) AS e;
-        WITH gone AS (
-            DELETE FROM {cache} AS c WHERE c.user_id = v_user AND c.key = ANY (v_keys) AND c.expires_at <= v_now
-            RETURNING octet_length(c.key) + octet_length(c.value) AS size)
-        SELECT count(*), coalesce(sum(g.size), 0) INTO v_removed, v_bytes FROM gone AS g;
-        IF v_quota THEN
-            PERFORM {charge}(v_user, -v_removed, -v_bytes, v_now);
-        END IF;
-        v_count := v_count + v_removed;
+""" + _expire_rows_of("v_user", "v_removed", indent=8) + """        v_count := v_count + v_removed;
     END LOOP;
     RETURN v_count;
 END"""),
