@@ -15,7 +15,16 @@ from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .catalog import READ_VERBS, SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, acl_holders, inspect_cache, read_limits
+from .catalog import (
+    LIMIT_VERBS,
+    READ_VERBS,
+    SEARCH_PATH,
+    VERSION_TABLE,
+    WRITE_VERBS,
+    acl_holders,
+    inspect_cache,
+    read_limits,
+)
 from .distributed import check_can_distribute, check_shard_count, sync_owner_login
 from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, sqlstate, translate
 from .model import (
@@ -171,7 +180,7 @@ def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table:
 
     Only the catalogs are read until every object is known to belong to a trusted role::
 
-        cache_status(engine, "public")["revision"]   # '0005_expiry_index'
+        cache_status(engine, "public")["revision"]   # '0006_limit_constants'
     """
     if isinstance(bind, Engine):
         try:
@@ -414,6 +423,29 @@ def privilege_statements(connection: Connection, options: MigrationOptions, gran
     return statements
 
 
+def limit_function_statements(connection: Connection, options: MigrationOptions) -> list[str]:
+    """CREATE OR REPLACE statements of the functions that give the write functions the settings row's limits.
+
+    They return constants, so each session's plans fold the limits in instead of
+    reading the settings table on every write; replacing them drops those plans.
+    """
+    quote = connection.dialect.identifier_preparer.quote
+    limits = read_limits(connection, f"{quote(options.schema)}.{quote(settings_table(options.table).name)}")
+    quota = limits["quota_entries"] is not None or limits["quota_bytes"] is not None
+    values = {"max_value_bytes": ("integer", str(int(limits["max_value_bytes"]))),
+              "has_quota": ("boolean", "true" if quota else "false")}
+    owner = quote_role(options.owner)
+    statements = []
+    for verb in LIMIT_VERBS:
+        returns, value = values[verb]
+        function = f"{quote(options.schema)}.{quote(routine_name(options.table, verb))}()"
+        statements += [f"CREATE OR REPLACE FUNCTION {function} RETURNS {returns} LANGUAGE sql IMMUTABLE PARALLEL SAFE"
+                       f" SET search_path = pg_catalog, pg_temp AS $body$ SELECT {value} $body$",
+                       f"ALTER FUNCTION {function} OWNER TO {owner}",
+                       f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC"]
+    return statements
+
+
 def set_limits(connection: Connection, options: MigrationOptions, *, max_value_bytes: int | None = None,
                quota_entries: int | None = None, quota_bytes: int | None = None) -> None:
     """Change the limits the write functions enforce; None keeps a limit, a quota of 0 removes it.
@@ -455,6 +487,8 @@ def set_limits(connection: Connection, options: MigrationOptions, *, max_value_b
             f" FROM {table} GROUP BY user_id"))
     elif had_quota and not has_quota:
         connection.execute(text(f"DELETE FROM {usage}"))
+    for statement in limit_function_statements(connection, options):
+        run_ddl(connection, statement)
 
 
 def set_logged(bind: Engine | Connection, logged: bool, schema: str = DEFAULT_SCHEMA,

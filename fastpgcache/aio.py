@@ -226,8 +226,8 @@ def _awaitable(operation):
 
     @functools.wraps(operation)
     async def run(self, *args, **kwargs):
-        # Drives the steps itself (Executor._drive, awaited): every coroutine layer here is crossed again
-        # at each resume, and with 100 tasks on 10 connections each call resumes twice.
+        # Drives the steps itself, as execution.py's blocking run() does, awaited: every coroutine layer here is
+        # crossed again at each resume, and with 100 tasks on 10 connections each call resumes twice.
         try:
             walk = steps(self, *args, **kwargs)
             try:

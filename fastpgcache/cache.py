@@ -92,9 +92,6 @@ class BaseCache(Executor):
 
     # -- helpers of every operation ----------------------------------------------------
 
-    def _serialize(self, value, key: str) -> tuple[int, bytes]:
-        return self._codec.serialize(value, key)
-
     def _guard_skips(self, key: str) -> bool:
         # The guard's "definitely absent" saves the round trip; it never says so for a present key.
         if self.guard.definitely_absent(key):
@@ -154,7 +151,7 @@ class BaseCache(Executor):
         if nx and xx:
             raise ValueError("nx and xx are mutually exclusive")
         key = normalize_key(key)
-        flags, data = self._serialize(value, key)
+        flags, data = self._codec.serialize(value, key)
         params = {"k": key, "val": data.hex(), "flg": flags, "ttl": normalize_ttl(ttl),
                   "mode": SET_NX if nx else SET_XX if xx else SET, **self._cull}
         stored = yield from self._call(self._s.set, params)
@@ -269,7 +266,7 @@ class BaseCache(Executor):
         rows = {}
         for key, value in mapping.items():
             key = normalize_key(key)
-            rows[key] = self._serialize(value, key)
+            rows[key] = self._codec.serialize(value, key)
         if not rows:
             return 0
         params = {"ks": text_array(rows), "vals": bytea_array(data for _, data in rows.values()),

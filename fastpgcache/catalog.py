@@ -25,6 +25,9 @@ WRITE_VERBS = ("enroll", "set", "set_many", "delete", "expire", "incr", "clear",
 HELPER_VERBS = ("hold", "charge", "announce", "cull", "cleanup_all")
 """The write functions' own helpers and the owner's cleanup."""
 
+LIMIT_VERBS = ("max_value_bytes", "has_quota")
+"""Functions returning the limits as constants, which the write functions' plans fold in (migration 0006)."""
+
 READ_VERBS = ("key_array",)
 """Plain functions (not SECURITY DEFINER) the reads call, e.g. `<table>_key_array` for get_many."""
 
@@ -280,7 +283,7 @@ def inspect_cache(connection: Connection, schema: str, table: str, owner_role: s
         _RELATIONS, {"schema": schema, "names": relations})}
     if owner_role is None:
         catalog.owner_role = owner_role = catalog.entries.owner if catalog.entries else ""
-    routines = [routine_name(table, verb) for verb in WRITE_VERBS + HELPER_VERBS + READ_VERBS]
+    routines = [routine_name(table, verb) for verb in WRITE_VERBS + HELPER_VERBS + LIMIT_VERBS + READ_VERBS]
     routines.append(f"{table}_notify_insert")
     catalog.functions = list(connection.execute(_FUNCTIONS, {"schema": schema, "names": routines}))
     catalog.triggers = list(connection.execute(_TRIGGERS, {"schema": schema, "names": [table, VERSION_TABLE]}))

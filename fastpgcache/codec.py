@@ -157,6 +157,8 @@ class Codec:
         codec.deserialize(flags, data, key="k")   # {1, 2}
     """
 
+    signs: bool
+
     def __init__(self, keys: SigningKeys = None):
         if keys is True:
             raise ValueError("pickle=True needs a signing key now: pass pickle=SECRET (str or bytes, at least "
@@ -167,6 +169,7 @@ class Codec:
         elif isinstance(keys, (str, bytes)):
             keys = [keys]
         self._macs = [self._mac_key(key) for key in keys]
+        self.signs = bool(self._macs)  # whether other objects are pickled (signed); read on every set and get
         self._refused = 0
         self._last_logged = 0.0
         self._lock = threading.Lock()
@@ -178,10 +181,6 @@ class Codec:
         if not isinstance(raw, bytes) or len(raw) < MIN_KEY_BYTES:
             raise ValueError(f"a pickle signing key must be str or bytes of at least {MIN_KEY_BYTES} bytes")
         return hmac.new(raw, b"fastpgcache pickle signing", hashlib.sha256).digest()
-
-    @property
-    def signs(self) -> bool:
-        return bool(self._macs)
 
     def serialize(self, value, key: str = "") -> tuple[int, bytes]:
         """`value` as (flags, bytes); a pickle carries its tag over (key, pickle) in front.

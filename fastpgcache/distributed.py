@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, make_url
 
-from .catalog import citus_installed, distribution_of, owner_serves_citus
+from .catalog import LIMIT_VERBS, citus_installed, distribution_of, owner_serves_citus
 from .errors import CacheError
 from .model import routine_name, secrets_table, settings_table, usage_table
 
@@ -138,6 +138,10 @@ def _distribute(connection: Connection, options, current: dict) -> None:
     for verb in DELEGATED_VERBS:
         connection.execute(text("SELECT pg_catalog.create_distributed_function(:f, distribution_arg_name => 'p_key', "
                                 "colocate_with => :t)"), {"f": _signature(connection, options, verb), "t": table})
+    for verb in LIMIT_VERBS:
+        # On every node, and replaced on every node when the admin changes a limit (the delegated calls read them).
+        connection.execute(text("SELECT pg_catalog.create_distributed_function(:f)"),
+                           {"f": _signature(connection, options, verb)})
     _announce_distribution(connection, options)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import select
 import threading
@@ -91,13 +92,13 @@ def leases_for(engine, keep=None, *, kind=None):
 class Lease:
     """A pooled connection held for one call at a time, with its reusable cursor."""
 
-    __slots__ = ("fairy", "driver", "_cursor", "_poller", "_prepared")
+    __slots__ = ("fairy", "driver", "_cursor", "_hang_up", "_prepared")
 
     def __init__(self, fairy):
         self.fairy = fairy
         self.driver = fairy.driver_connection
         self._cursor = None
-        self._poller = None
+        self._hang_up = None
         self._prepared: set | None = None
 
     @property
@@ -117,19 +118,26 @@ class Lease:
 
     def hung_up(self) -> bool:
         """True if the server closed this idle connection (a readable socket: there is nothing to read)."""
+        check = self._hang_up or self._hang_up_check()
+        return bool(check())
+
+    def _hang_up_check(self):
+        # The zero-argument test hung_up() runs before every call, chosen once per connection.
         is_closed = getattr(self.driver, "is_closed", None)
         if is_closed is not None:  # asyncpg: its protocol reads the socket and sees the server hang up
-            return is_closed()
-        if not HAS_POLL:
-            return socket_closed(self.driver)
-        if self._poller is None:
+            check = is_closed
+        elif not HAS_POLL:
+            check = functools.partial(socket_closed, self.driver)
+        else:
             try:
-                fd = self.driver.fileno()  # the driver's own connection: SQLAlchemy's async adapter has no fileno
+                fd = self.driver.fileno()  # the driver's own connection: SQLAlchemy's async adapter has none
             except Exception:  # fileno() of a closed connection raises
-                return True
-            self._poller = select.poll()
-            self._poller.register(fd, select.POLLIN)
-        return bool(self._poller.poll(0))
+                return lambda: True
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            check = functools.partial(poller.poll, 0)
+        self._hang_up = check
+        return check
 
     @property
     def is_valid(self) -> bool:

@@ -144,6 +144,25 @@ def test_limits_and_quotas_hold_on_every_node(citus_admin, citus_schema, citus_r
     assert usage == 5 and sorted(through["worker1"].keys()) == ["b", "c", "d", "e", "f"]
 
 
+def test_limits_changed_after_setup_hold_on_every_node(citus_admin, citus_schema, citus_role, engines):
+    # The limits are constant functions on every node (migration 0006): a change must reach the
+    # workers' copies, which the calls delegated to a key's worker read.
+    schema = citus_schema()
+    _, urls = citus_role("relimit")
+    through = {entry: Cache(engines(urls[entry]), schema=schema, expire_every=None)
+               for entry in ("coordinator", "worker1")}
+    for cache in through.values():
+        assert cache.set("a", "x" * 300) and cache.incr("n") >= 1  # every node's plans hold today's limits
+    setup_cache(engine=citus_admin, schema=schema, max_value_bytes=200, quota_entries=2)
+    for cache in through.values():
+        with pytest.raises(CacheLimitError, match="at most 200 bytes"):
+            cache.set("a", "y" * 300)
+        with pytest.raises(CacheLimitError, match="quota exceeded"):
+            cache.set("b", 1)
+    setup_cache(engine=citus_admin, schema=schema, max_value_bytes=1000, quota_entries=0)
+    assert all(cache.set("a", "y" * 300) and cache.set(f"b-{entry}", 1) for entry, cache in through.items())
+
+
 def test_expiry_on_write_trimming_and_culling_in_bounded_batches(citus_admin, citus_schema, citus_role, engines):
     schema = citus_schema()
     _, urls = citus_role("trim")

@@ -209,7 +209,7 @@ def test_an_upgrade_through_a_new_revision_keeps_the_table_distributed(citus, ci
 from alembic import context, op
 
 revision = "0099_note"
-down_revision = "0005_expiry_index"
+down_revision = "0006_limit_constants"
 branch_labels = None
 depends_on = None
 
@@ -252,7 +252,7 @@ def test_alembic_upgrades_an_older_plain_table_and_distributes_it_with_its_rows(
                                 "SELECT 'someone', 'k' || i, 'v' FROM generate_series(1, 25) AS i"))
     alembic("-x", "distributed=true", "-x", "shard_count=4", "upgrade", "head")
     status = cache_status(citus_admin, schema)
-    assert status["revision"] == "0005_expiry_index" and status["distribution"]["shards"] == 4
+    assert status["revision"] == "0006_limit_constants" and status["distribution"]["shards"] == 4
     assert _scalar(citus.worker_urls[1], f'SELECT count(*) FROM "{schema}".cache') == 25
     alembic("downgrade", "0003_fillfactor")  # the trigger of 0003 cannot live on a Citus table: local again
     assert cache_status(citus_admin, schema)["distribution"] is None

@@ -397,6 +397,42 @@ def test_values_past_the_server_s_limit_fail_clearly_and_change_nothing(engine, 
         mallory_cache.close()
 
 
+def test_limits_the_admin_changes_hold_at_once_in_sessions_already_running(engine, schema, mallory):
+    # The write functions fold the limits into each session's cached plans (migration 0006): changing a
+    # limit must reach a session that has already run every statement, without reconnecting.
+    single = create_engine(mallory[1].url, pool_size=1, max_overflow=0)
+    try:
+        cache = Cache(single, schema=schema, expire_every=None)
+        with single.connect() as connection:
+            session = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+        assert cache.set("a", "x" * 300) and cache.set_many({"b": 1, "c": 2}) == 2 and cache.incr("n") == 1
+        setup_cache(engine=engine, schema=schema, max_value_bytes=200, quota_entries=5)
+        with pytest.raises(CacheLimitError, match="at most 200 bytes"):
+            cache.set("a", "y" * 300)
+        with pytest.raises(CacheLimitError, match="at most 200 bytes"):
+            cache.set_many({"d": "y" * 300})
+        with pytest.raises(CacheLimitError, match="quota exceeded"):
+            cache.set_many({"d": 1, "e": 2})
+        assert cache.set("d", 1) and cache.get("a") == "x" * 300
+        with pytest.raises(CacheLimitError, match="quota exceeded"):
+            cache.incr("m")
+        setup_cache(engine=engine, schema=schema, max_value_bytes=1000, quota_entries=0)
+        assert cache.set("a", "y" * 300) and cache.set_many({f"f{i}": i for i in range(10)}) == 10
+        with single.connect() as connection:
+            assert connection.execute(text("SELECT pg_backend_pid()")).scalar() == session
+    finally:
+        single.dispose()
+
+
+def test_without_a_quota_writes_never_read_the_settings_table(engine, schema, victim):
+    # The limits are constants in the writes' plans: with the settings row locked by the admin, every
+    # write still goes through (reading the row on each write cost about 6 µs of a set).
+    _, _, cache = victim
+    with engine.connect() as admin, admin.begin():
+        admin.execute(text(f'LOCK TABLE "{schema}".cache_settings IN ACCESS EXCLUSIVE MODE'))
+        every_call(cache, "settings-locked")
+
+
 def test_a_quota_stops_a_role_from_crowding_out_the_others(engine, schema, victim, mallory):
     _, _, cache = victim
     setup_cache(engine=engine, schema=schema, quota_entries=10, quota_bytes=20_000)
