@@ -27,6 +27,7 @@ import select
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 
 from sqlalchemy.engine import Engine
 
@@ -34,7 +35,7 @@ from .cache import Cache
 from .catalog import inspect_cache
 from .errors import check_positive_int, check_positive_seconds
 from .execution import first_row, nothing
-from .identity import Identity
+from .identity import RECENT_KEYS, Identity
 from .statements import NOTIFY
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,9 @@ class NegativeLookupGuard:
         self._identity: Identity | None = None
         self._active = None  # the filter answering lookups; None while not trusted
         self._targets: list = []  # filters that receive every new key
+        # Keys this process has put in every filter of `_targets` lately: a filter never loses a key, so
+        # writing one again needs no filter insert. A new dict whenever `_targets` changes.
+        self._remembered: dict = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._trusted = threading.Event()
@@ -198,9 +202,11 @@ class NegativeLookupGuard:
 
     def remember(self, keys) -> None:
         """Add keys this process has just written, before its call returns."""
-        identity = self._identity
+        identity, remembered = self._identity, self._remembered
         if self._targets and identity is not None:
-            self._add([identity.token(key) for key in keys])
+            new = [key for key in keys if key not in remembered]
+            if new:
+                self._add([identity.token(key) for key in new], remembered, new)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -393,11 +399,16 @@ class NegativeLookupGuard:
             self._add(tokens)
         return len(payloads)
 
-    def _add(self, tokens: list[str]) -> None:
-        """Put tokens in every filter that must hold them: the answering one and one being filled."""
+    def _add(self, tokens: list[str], remembered: dict | None = None, keys: Sequence[str] = ()) -> None:
+        """Put tokens in every filter that must hold them: the answering one and one being filled; and
+        `keys`, the written keys they hash, in `remembered` if the filters are still the ones it is for."""
         with self._lock:
             for bloom in self._targets:
                 bloom.update(tokens)
+            if keys and remembered is self._remembered:
+                if len(remembered) >= RECENT_KEYS:
+                    remembered.clear()
+                remembered.update(dict.fromkeys(keys))
 
     def _warm(self, listener: _Listener, keep_answering: bool) -> None:
         """Fill a new filter from the table, then let it answer.
@@ -416,11 +427,12 @@ class NegativeLookupGuard:
             with self._lock:
                 self._reset_requested = False
                 self._targets = [bloom for bloom in (previous, fresh) if bloom is not None]
+                self._remembered = {}
             if not keep_answering:
                 self.state = "warming"
             if self._fill(listener, fresh):
                 with self._lock:
-                    self._active, self._targets = fresh, [fresh]
+                    self._active, self._targets, self._remembered = fresh, [fresh], {}
                 self.state = "trusted"
                 self._failures = 0
                 self._trusted.set()
@@ -438,7 +450,7 @@ class NegativeLookupGuard:
         after = ""
         while True:
             keys: list[str] = self._cache._key_page(after, PAGE_SIZE)
-            fresh.update([self._me.token(key) for key in keys])
+            fresh.update([self._me.digest(key) for key in keys])
             self._receive(listener, 0)
             if self._reset_requested or self._stopping.is_set():
                 return False
@@ -454,7 +466,7 @@ class NegativeLookupGuard:
 
     def _untrust(self) -> None:
         with self._lock:
-            self._active, self._targets = None, []
+            self._active, self._targets, self._remembered = None, [], {}
         self._trusted.clear()
 
     def _turn_off(self, reason: str) -> None:
@@ -485,7 +497,7 @@ def _forget_in_child() -> None:
     # A forked child has the filter but not the listener thread: it would go stale.
     for guard in list(_RUNNING):
         guard._lock = threading.Lock()
-        guard._active, guard._targets = None, []
+        guard._active, guard._targets, guard._remembered = None, [], {}
         guard._trusted.clear()
         guard.state = "off: inherited across fork; create the cache after forking"
 

@@ -17,6 +17,11 @@ from .model import CHANNEL_PREFIX
 TOKEN_HEX_DIGITS = 16
 """A key's token is this many hex digits of sha256(secret || key); the write functions send the same."""
 
+RECENT_KEYS = 1024
+"""How many keys used lately a process keeps what it derived for: each identity their tokens, so a guarded
+get or set skips the SHA-256 (about 2 µs of the call right after a round trip), and the guard whether its
+filters hold them, so writing one again skips the filter insert (about 3 µs)."""
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -28,6 +33,7 @@ class Identity:
 
     user: str
     secret: bytes = field(repr=False)
+    _recent: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def secret_hex(self) -> str:
@@ -40,5 +46,14 @@ class Identity:
         return CHANNEL_PREFIX + hashlib.sha256(self.secret + b"\x00").hexdigest()[:32]
 
     def token(self, key: str) -> str:
-        """The keyed hash a notification carries for `key`."""
+        """The keyed hash a notification carries for `key` (kept for the keys used lately)."""
+        token = self._recent.get(key)
+        if token is None:
+            if len(self._recent) >= RECENT_KEYS:
+                self._recent.clear()
+            token = self._recent[key] = self.digest(key)
+        return token
+
+    def digest(self, key: str) -> str:
+        """token() computed afresh and kept nowhere: for a warm-up, which hashes every key once."""
         return hashlib.sha256(self.secret + key.encode("utf-8")).hexdigest()[:TOKEN_HEX_DIGITS]

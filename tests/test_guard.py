@@ -1,6 +1,7 @@
 """The negative-lookup guard: never a false miss, across connections, processes and restarts."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -13,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from fastpgcache import Cache, FastPgCache
 from fastpgcache.guard import NegativeLookupGuard, _Listener, listen_sql
+from fastpgcache.identity import RECENT_KEYS, Identity
 
 
 def eventually(check, timeout: float = 5.0):
@@ -65,6 +67,16 @@ def test_notifications_carry_keyed_hashes_on_the_role_s_own_channel(engine, sche
     assert identity.channel.startswith("fastpgcache_") and identity.secret.hex()[:8] not in identity.channel
 
 
+def test_tokens_of_keys_used_lately_are_kept_within_a_bound():
+    identity = Identity("alice", b"s" * 32)
+    expected = hashlib.sha256(b"s" * 32 + "ключ".encode()).hexdigest()[:16]
+    assert identity.token("ключ") == identity.token("ключ") == identity.digest("ключ") == expected
+    tokens = {f"k{i}": identity.token(f"k{i}") for i in range(3 * RECENT_KEYS)}
+    assert all(identity.digest(key) == token for key, token in tokens.items())
+    assert len(identity._recent) <= RECENT_KEYS
+    assert "s" * 8 not in repr(identity) and identity == Identity("alice", b"s" * 32)
+
+
 def test_a_trusted_guard_answers_misses_without_touching_the_database(engine, guarded):
     checkouts = []
 
@@ -111,6 +123,25 @@ def test_warm_up_holds_expired_rows_so_a_revived_key_is_not_missed(engine, schem
         assert cache.get("revived") == "new"
     finally:
         cache.guard.stop()
+
+
+def test_a_key_written_again_skips_the_filter_only_while_the_same_filters_hold_it(guarded, engine):
+    # remember() skips keys it put in the same filters lately (a filter never loses a key). A rebuilt
+    # filter holds the table's keys only, so keys remembered before the rebuild must go into it again.
+    guard = guarded.guard
+    keys = [f"not-in-the-table:{i}" for i in range(20)]
+    guard.remember(keys)
+    guard.remember(keys)  # again: nothing to add
+    assert not any(guard.definitely_absent(key) for key in keys)
+    before = guard.warm_ups
+    with engine.connect() as connection:  # what a statement too big to list sends
+        connection.execute(text("SELECT pg_notify(:channel, 'reset')"), {"channel": guard.channel})
+        connection.commit()
+    eventually(lambda: guard.warm_ups > before)  # the reset has untrusted the filters: a new one is filling
+    assert guard.wait_until_trusted(10)
+    assert sum(guard.definitely_absent(key) for key in keys) >= 18  # a bloom filter's odd false positive
+    guard.remember(keys)
+    assert not any(guard.definitely_absent(key) for key in keys)
 
 
 def test_a_statement_too_big_to_list_resets_every_guard(guarded, writer):
