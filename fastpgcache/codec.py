@@ -105,30 +105,28 @@ def serialize(value) -> tuple[int, bytes]:
     _refuse(value)
 
 
-def _check_json(value) -> None:
-    """Refuse a dict or list that would not read back as it is (see _check_json_items)."""
+def _check_json(value, nested: bool = False) -> None:
+    """Refuse a dict or list that would not read back as it is: json.dumps would quietly turn {1: x}
+    into {"1": x} and tuples into lists, and a value nesting past the recursion limit cannot be encoded."""
     try:
-        _check_json_items(value)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if type(key) is not str and not isinstance(key, str):
+                    raise TypeError(f"cannot cache a dict with a {type(key).__name__} key ({key!r}): JSON keys "
+                                    "are str, so it would read back changed (or give the cache a pickle signing key)")
+                if type(item) not in _SCALARS:
+                    _check_json(item, True)
+        elif isinstance(value, list):
+            for item in value:
+                if type(item) not in _SCALARS:
+                    _check_json(item, True)
+        elif not isinstance(value, _SCALAR_TYPES):
+            _refuse(value)
     except RecursionError:
+        if nested:
+            raise
         raise ValueError("cannot cache a dict or list that contains itself or nests deeper than Python's "
                          "recursion limit: flatten it, or store it as bytes you encode yourself") from None
-
-
-def _check_json_items(value) -> None:
-    # json.dumps would quietly turn {1: x} into {"1": x} and tuples into lists: refuse what would not read back.
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if type(key) is not str and not isinstance(key, str):
-                raise TypeError(f"cannot cache a dict with a {type(key).__name__} key ({key!r}): JSON keys are "
-                                "str, so it would read back changed (or give the cache a pickle signing key)")
-            if type(item) not in _SCALARS:
-                _check_json_items(item)
-    elif isinstance(value, list):
-        for item in value:
-            if type(item) not in _SCALARS:
-                _check_json_items(item)
-    elif not isinstance(value, _SCALAR_TYPES):
-        _refuse(value)
 
 
 def deserialize(flags: int, data: bytes, *, parse_json: bool = True):
