@@ -16,7 +16,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from .catalog import (
-    LIMIT_VERBS,
     READ_VERBS,
     SEARCH_PATH,
     VERSION_TABLE,
@@ -235,7 +234,21 @@ def _status(bind: Connection, schema: str, table: str, owner: str) -> dict:
     if settings is not None and not problems and settings.owner in catalog.trusted:
         quote = bind.dialect.identifier_preparer.quote
         status["limits"] = read_limits(bind, f"{quote(schema)}.{quote(settings.relname)}")
+        if revision == head_revision():
+            warnings += _limit_function_warnings(catalog, status["limits"])
     return status
+
+
+def _limit_function_warnings(catalog, limits: dict) -> list[str]:
+    # The write functions enforce what the limit functions return, which must be what the settings row says.
+    sources = {row.proname: row.source for row in catalog.functions}
+    found = []
+    for verb, (_, body) in limit_function_bodies(limits).items():
+        name = routine_name(catalog.table, verb)
+        if sources.get(name) != body:
+            found.append(f"{catalog.schema}.{name}() does not hold the settings row's limit, so the write functions "
+                         "enforce another one (was the row changed by hand?); rerun fastpgcache-admin")
+    return found
 
 
 def _distribution_status(catalog) -> dict | None:
@@ -423,6 +436,13 @@ def privilege_statements(connection: Connection, options: MigrationOptions, gran
     return statements
 
 
+def limit_function_bodies(limits: dict) -> dict[str, tuple[str, str]]:
+    """verb -> (return type, SQL body) of the functions holding the limits of a settings row (read_limits)."""
+    quota = limits["quota_entries"] is not None or limits["quota_bytes"] is not None
+    return {"max_value_bytes": ("integer", f" SELECT {int(limits['max_value_bytes'])} "),
+            "has_quota": ("boolean", f" SELECT {'true' if quota else 'false'} ")}
+
+
 def limit_function_statements(connection: Connection, options: MigrationOptions) -> list[str]:
     """CREATE OR REPLACE statements of the functions that give the write functions the settings row's limits.
 
@@ -431,16 +451,12 @@ def limit_function_statements(connection: Connection, options: MigrationOptions)
     """
     quote = connection.dialect.identifier_preparer.quote
     limits = read_limits(connection, f"{quote(options.schema)}.{quote(settings_table(options.table).name)}")
-    quota = limits["quota_entries"] is not None or limits["quota_bytes"] is not None
-    values = {"max_value_bytes": ("integer", str(int(limits["max_value_bytes"]))),
-              "has_quota": ("boolean", "true" if quota else "false")}
     owner = quote_role(options.owner)
     statements = []
-    for verb in LIMIT_VERBS:
-        returns, value = values[verb]
+    for verb, (returns, body) in limit_function_bodies(limits).items():
         function = f"{quote(options.schema)}.{quote(routine_name(options.table, verb))}()"
         statements += [f"CREATE OR REPLACE FUNCTION {function} RETURNS {returns} LANGUAGE sql IMMUTABLE PARALLEL SAFE"
-                       f" SET search_path = pg_catalog, pg_temp AS $body$ SELECT {value} $body$",
+                       f" SET search_path = pg_catalog, pg_temp AS $body${body}$body$",
                        f"ALTER FUNCTION {function} OWNER TO {owner}",
                        f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC"]
     return statements
@@ -451,7 +467,9 @@ def set_limits(connection: Connection, options: MigrationOptions, *, max_value_b
     """Change the limits the write functions enforce; None keeps a limit, a quota of 0 removes it.
 
     Turning a quota on counts every role's entries and bytes first, with the table
-    locked against writes for that moment, so the counts start exact.
+    locked against writes for that moment, so the counts start exact. The functions
+    that give the write functions the limits are stated again from the settings row
+    every time, so a setup repairs a row changed by hand.
     """
     for name, value in (("max_value_bytes", max_value_bytes), ("quota_entries", quota_entries),
                         ("quota_bytes", quota_bytes)):
@@ -460,6 +478,7 @@ def set_limits(connection: Connection, options: MigrationOptions, *, max_value_b
             raise ValueError(f"{name} must be a positive int{' (0 removes the quota)' if 'quota' in name else ''}; "
                              f"got {value!r}")
     if max_value_bytes is None and quota_entries is None and quota_bytes is None:
+        _state_limit_functions(connection, options)
         return
     quote = connection.dialect.identifier_preparer.quote
     schema = quote(options.schema)
@@ -487,6 +506,10 @@ def set_limits(connection: Connection, options: MigrationOptions, *, max_value_b
             f" FROM {table} GROUP BY user_id"))
     elif had_quota and not has_quota:
         connection.execute(text(f"DELETE FROM {usage}"))
+    _state_limit_functions(connection, options)
+
+
+def _state_limit_functions(connection: Connection, options: MigrationOptions) -> None:
     for statement in limit_function_statements(connection, options):
         run_ddl(connection, statement)
 

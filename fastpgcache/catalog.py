@@ -56,7 +56,7 @@ _FUNCTIONS = text("""
 SELECT p.proname, pg_catalog.pg_get_userbyid(p.proowner) AS owner, p.prosecdef,
        pg_catalog.array_to_string(p.proconfig, ',') AS config,
        pg_catalog.pg_get_function_identity_arguments(p.oid) AS arguments,
-       pg_catalog.array_to_string(p.proacl, ' ') AS acl
+       pg_catalog.array_to_string(p.proacl, ' ') AS acl, p.prosrc AS source
   FROM pg_catalog.pg_proc AS p JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
  WHERE n.nspname OPERATOR(pg_catalog.=) :schema
    AND p.proname OPERATOR(pg_catalog.=) ANY (CAST(:names AS pg_catalog.name[]))""")

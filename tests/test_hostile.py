@@ -424,6 +424,19 @@ def test_limits_the_admin_changes_hold_at_once_in_sessions_already_running(engin
         single.dispose()
 
 
+def test_a_settings_row_changed_by_hand_is_reported_and_a_setup_rerun_enforces_it(engine, schema, victim):
+    _, _, cache = victim
+    with engine.begin() as connection:
+        connection.execute(text(f'UPDATE "{schema}".cache_settings SET max_value_bytes = 100'))
+    assert any("does not hold the settings row's limit" in warning
+               for warning in cache_status(engine, schema)["warnings"])
+    assert cache.set("k", "x" * 300)  # the write functions still hold the limit the admin last set
+    setup_cache(engine=engine, schema=schema)
+    assert not any("settings row" in warning for warning in cache_status(engine, schema)["warnings"])
+    with pytest.raises(CacheLimitError, match="at most 100 bytes"):
+        cache.set("k", "x" * 300)
+
+
 def test_without_a_quota_writes_never_read_the_settings_table(engine, schema, victim):
     # The limits are constants in the writes' plans: with the settings row locked by the admin, every
     # write still goes through (reading the row on each write cost about 6 µs of a set).
