@@ -15,15 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from .catalog import (
-    READ_VERBS,
-    SEARCH_PATH,
-    VERSION_TABLE,
-    WRITE_VERBS,
-    acl_holders,
-    inspect_cache,
-    read_limits,
-)
+from .catalog import READ_VERBS, SEARCH_PATH, VERSION_TABLE, WRITE_VERBS, acl_holders, inspect_cache, read_limits
 from .distributed import check_can_distribute, check_shard_count, sync_owner_login
 from .errors import CacheError, CacheNotSetUpError, connection_hint, first_line, raise_translated, sqlstate, translate
 from .model import (
@@ -510,6 +502,7 @@ def set_limits(connection: Connection, options: MigrationOptions, *, max_value_b
 
 
 def _state_limit_functions(connection: Connection, options: MigrationOptions) -> None:
+    # The limit functions as the settings row now says; every session's plans drop the values they folded.
     for statement in limit_function_statements(connection, options):
         run_ddl(connection, statement)
 
