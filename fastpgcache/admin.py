@@ -192,7 +192,8 @@ def _status(bind: Connection, schema: str, table: str, owner: str) -> dict:
     if trusted_version:
         quoted = f"{bind.dialect.identifier_preparer.quote(schema)}.{VERSION_TABLE}"
         revision = bind.execute(text(f"SELECT version_num FROM {quoted}")).scalar()
-    problems = catalog.problems(revision_at_head=revision == head_revision())
+    at_head = revision == head_revision()  # reads every migration file: once per status
+    problems = catalog.problems(revision_at_head=at_head)
     warnings: list[str] = []
     status: dict[str, Any] = {
         "schema": schema, "table": table, "exists": entries is not None and entries.relkind == "r",
@@ -226,7 +227,7 @@ def _status(bind: Connection, schema: str, table: str, owner: str) -> dict:
     if settings is not None and not problems and settings.owner in catalog.trusted:
         quote = bind.dialect.identifier_preparer.quote
         status["limits"] = read_limits(bind, f"{quote(schema)}.{quote(settings.relname)}")
-        if revision == head_revision():
+        if at_head:
             warnings += _limit_function_warnings(catalog, status["limits"])
     return status
 

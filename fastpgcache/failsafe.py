@@ -51,8 +51,6 @@ class Failsafe:
         self.errors = 0
         self.last_error: str | None = None
         self._burst = 0
-        # Whether a burst of errors is going on: read after every call, so a plain attribute.
-        self.failing = False
         self._burst_started = 0.0
         self._last_logged = 0.0
         self._lock = threading.Lock()
@@ -68,10 +66,14 @@ class Failsafe:
             if not self.enabled:
                 return False
             self._burst += 1
-            self.failing = True
             self._log_burst(operation)
         self._notify(error, operation)
         return True
+
+    @property
+    def failing(self) -> bool:
+        """Whether a burst of errors is going on (checked after every call, so kept cheap)."""
+        return bool(self._burst)
 
     def succeeded(self) -> None:
         """A call worked: end the current burst of errors, if any, saying so once."""
@@ -81,7 +83,6 @@ class Failsafe:
                     log.warning("fastpgcache: database answering again after %d failed calls in %.1f s",
                                 self._burst, time.monotonic() - self._burst_started)
                     self._burst = 0
-                    self.failing = False
 
     def counters(self) -> dict:
         """`errors` seen by this process and the `last_error` (type and first line), for `stats()`."""

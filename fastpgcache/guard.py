@@ -175,7 +175,7 @@ class NegativeLookupGuard:
         self._active = None  # the filter answering lookups; None while not trusted
         self._targets: list = []  # filters that receive every new key
         # Keys this process has put in every filter of `_targets` lately: a filter never loses a key, so
-        # writing one again needs no filter insert. A new dict whenever `_targets` changes.
+        # writing one again needs no filter insert. Renewed with `_targets` (_switch_filters).
         self._remembered: dict = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -426,13 +426,12 @@ class NegativeLookupGuard:
             fresh = self._new_filter(self._rows())
             with self._lock:
                 self._reset_requested = False
-                self._targets = [bloom for bloom in (previous, fresh) if bloom is not None]
-                self._remembered = {}
+                self._switch_filters(self._active, [bloom for bloom in (previous, fresh) if bloom is not None])
             if not keep_answering:
                 self.state = "warming"
             if self._fill(listener, fresh):
                 with self._lock:
-                    self._active, self._targets, self._remembered = fresh, [fresh], {}
+                    self._switch_filters(fresh, [fresh])
                 self.state = "trusted"
                 self._failures = 0
                 self._trusted.set()
@@ -466,8 +465,13 @@ class NegativeLookupGuard:
 
     def _untrust(self) -> None:
         with self._lock:
-            self._active, self._targets, self._remembered = None, [], {}
+            self._switch_filters(None, [])
         self._trusted.clear()
+
+    def _switch_filters(self, active, targets: list) -> None:
+        # The filter answering lookups and those receiving new keys (under the lock); a new set of
+        # filters holds none of the keys remembered for the old one.
+        self._active, self._targets, self._remembered = active, targets, {}
 
     def _turn_off(self, reason: str) -> None:
         self._untrust()
@@ -497,7 +501,7 @@ def _forget_in_child() -> None:
     # A forked child has the filter but not the listener thread: it would go stale.
     for guard in list(_RUNNING):
         guard._lock = threading.Lock()
-        guard._active, guard._targets, guard._remembered = None, [], {}
+        guard._switch_filters(None, [])
         guard._trusted.clear()
         guard.state = "off: inherited across fork; create the cache after forking"
 

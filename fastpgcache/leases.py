@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import os
 import select
 import threading
@@ -92,13 +91,13 @@ def leases_for(engine, keep=None, *, kind=None):
 class Lease:
     """A pooled connection held for one call at a time, with its reusable cursor."""
 
-    __slots__ = ("fairy", "driver", "_cursor", "_hang_up", "_prepared")
+    __slots__ = ("fairy", "driver", "_cursor", "_poller", "_prepared")
 
     def __init__(self, fairy):
         self.fairy = fairy
         self.driver = fairy.driver_connection
         self._cursor = None
-        self._hang_up = None
+        self._poller = None
         self._prepared: set | None = None
 
     @property
@@ -118,26 +117,19 @@ class Lease:
 
     def hung_up(self) -> bool:
         """True if the server closed this idle connection (a readable socket: there is nothing to read)."""
-        check = self._hang_up or self._hang_up_check()
-        return bool(check())
-
-    def _hang_up_check(self):
-        # The zero-argument test hung_up() runs before every call, chosen once per connection.
         is_closed = getattr(self.driver, "is_closed", None)
         if is_closed is not None:  # asyncpg: its protocol reads the socket and sees the server hang up
-            check = is_closed
-        elif not HAS_POLL:
-            check = functools.partial(socket_closed, self.driver)
-        else:
+            return is_closed()
+        if not HAS_POLL:
+            return socket_closed(self.driver)
+        if self._poller is None:
             try:
-                fd = self.driver.fileno()  # the driver's own connection: SQLAlchemy's async adapter has none
+                fd = self.driver.fileno()  # the driver's own connection: SQLAlchemy's async adapter has no fileno
             except Exception:  # fileno() of a closed connection raises
-                return lambda: True
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            check = functools.partial(poller.poll, 0)
-        self._hang_up = check
-        return check
+                return True
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
+        return bool(self._poller.poll(0))
 
     @property
     def is_valid(self) -> bool:
@@ -201,7 +193,7 @@ class ConnectionLeases:
                 return Lease(self._from_pool())
             # A readable socket means the server hung up (restart, crash, terminated backend);
             # the pool replaces it, and the loop checks the next.
-            if not (lease._hang_up or lease._hang_up_check())():  # hung_up(), a call less on every call
+            if not lease.hung_up():
                 return lease
             lease.invalidate()  # also checks it back in
 
@@ -215,7 +207,7 @@ class ConnectionLeases:
 
     def release(self, lease: Lease) -> None:
         """Keep `lease` idle for the next call, or give it back to the pool."""
-        if self._waiting or self._closed or lease.fairy.dbapi_connection is None:  # not lease.is_valid
+        if self._waiting or self._closed or not lease.is_valid:
             lease.close()
             return
         if len(self._idle) >= self.keep:
