@@ -3,9 +3,10 @@
     python benchmarks/floor_loop.py                                   # FASTPGCACHE_URL, or an embedded server
     python benchmarks/floor_loop.py --url postgresql://postgres@127.0.0.1:5432/postgres --layout split
 
-The floor is the bench's: raw psycopg2 in autocommit sending the plain SQL of
-a hand-written cache (`fastpgcache.bench.floor_sql`) to a plain UNLOGGED table
-of the cache's shape. `fastpgcache bench` runs ten contenders and eleven
+The floor is the bench's own contender (`Psycopg2Floor`): raw psycopg2 in
+autocommit sending the plain SQL of a hand-written cache (`floor_sql`) to a
+plain UNLOGGED table of the cache's shape, encoding and decoding values as the
+library does. `fastpgcache bench` runs ten contenders and eleven
 workloads in one process; here only the floor and two FastPgCache clients
 (the guard off, and on) take turns, in blocks of 200 calls, the order rotating
 each round, with expiry on write off. Prints the median of the rounds' per-call
@@ -23,12 +24,12 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from fastpgcache import FastPgCache, setup_cache
+from fastpgcache.bench.contenders import Psycopg2Floor, sample_value
 from fastpgcache.bench.floors import create_floor_table, floor_sql
 from fastpgcache.bench.layout import LAYOUTS, apply_layout
-from fastpgcache.codec import encode_json
 from fastpgcache.embedded import default_url
 
-VALUE = {"user": "u-42", "items": [1, 2, 3], "note": "x" * 60}
+VALUE = sample_value(100)  # the bench's value: a JSON object of 100 bytes
 KEYS = [f"k{i}" for i in range(200)]
 
 
@@ -36,27 +37,16 @@ def contenders(dsn: str, schema: str, floor_table: str) -> tuple[dict, list]:
     """name -> one call taking a key, and what to close afterwards."""
     off = FastPgCache(dsn, schema=schema, use_cuckoo_filter=False, expire_every=None)
     on = FastPgCache(dsn, schema=schema, expire_every=None)
-    raw = psycopg2.connect(dsn)
-    raw.autocommit = True
-    cursor = raw.cursor()
-    sql = floor_sql(floor_table)
-
-    def floor_set(key):
-        cursor.execute(sql["set"][0], {"k": key, "val": encode_json(VALUE), "flg": 2, "ttl": None})
-
-    def floor_get(key):
-        cursor.execute(sql["get"][0], {"k": key})
-        return cursor.fetchone()
-
+    floor = Psycopg2Floor("psycopg2", lambda: psycopg2.connect(dsn), floor_sql(floor_table))
     for key in KEYS:
-        floor_set(key)
+        floor.set(key, VALUE)
         on.set(key, VALUE)
     if not on.guard.wait_until_trusted(10):
         raise SystemExit(f"the guard did not start: {on.guard.state}")
-    calls = {"set, floor": floor_set, "set, guard off": lambda key: off.set(key, VALUE),
+    calls = {"set, floor": lambda key: floor.set(key, VALUE), "set, guard off": lambda key: off.set(key, VALUE),
              "set, guard on": lambda key: on.set(key, VALUE),
-             "get, floor": floor_get, "get, guard off": off.get, "get, guard on": on.get}
-    return calls, [on, off, raw]
+             "get, floor": floor.get, "get, guard off": off.get, "get, guard on": on.get}
+    return calls, [on, off, floor]
 
 
 def measure(calls: dict, rounds: int) -> dict:
