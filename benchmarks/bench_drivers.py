@@ -64,7 +64,7 @@ def library_sql(cache, dialect) -> dict:
     identity = cache._identity_now()
     caller = {"me": identity.user, "secret": identity.secret_hex}
     return {"get": (compile_for(cache._s.get, dialect), {}),
-            "set": (compile_for(cache._s.set, dialect), {**caller, "flg": 2, "ttl": None, "mode": 0})}
+            "set": (compile_for(cache._s.set, dialect), {**caller, "flg": 2, "ttl": None, **cache._cull})}
 
 
 # -- blocking contenders ------------------------------------------------------------------------
@@ -77,13 +77,13 @@ class Floor:
         self.sql = floor_sql(table)
 
     def get(self, key):
-        statement, _ = self.sql["get"]
+        statement, _, _ = self.sql["get"]
         self.cursor.execute(statement, {"k": key})
         row = self.cursor.fetchone()
         return decode_json(str(row[0], "utf-8"))
 
     def set(self, key, value):
-        statement, _ = self.sql["set"]
+        statement, _, _ = self.sql["set"]
         self.cursor.execute(statement, {"k": key, "val": encode_json(value),
                                         "flg": 2, "ttl": None})
 
@@ -99,8 +99,11 @@ class Replay:
                 cursor.execute(compiled.prepared.prepare)
 
     def _send(self, compiled, params):
-        sql = compiled.sql if compiled.prepared is None else compiled.prepared.execute
-        self.cursor.execute(sql, compiled.values(params), **self.options)
+        if compiled.prepared is None:
+            self.cursor.execute(compiled.sql, compiled.values(params), **self.options)
+        else:
+            self.cursor.execute(compiled.prepared.execute, compiled.prepared.arguments(compiled.values(params)),
+                                **self.options)
 
     def get(self, key):
         compiled, fixed = self.sql["get"]

@@ -19,7 +19,7 @@ from .identity import Identity
 from .keys import MAX_KEY_BYTES, key_list, normalize_key, normalize_ttl, pattern_regex
 from .leases import leases_for
 from .model import DEFAULT_SCHEMA, DEFAULT_TABLE
-from .statements import SET, SET_NX, SET_XX, bytea_array, int_array, statements_for, text_array
+from .statements import bytea_array, int_array, statements_for, text_array
 
 __all__ = ["BaseCache", "Cache", "MAX_KEY_BYTES", "normalize_key", "normalize_ttl"]
 
@@ -72,7 +72,7 @@ class BaseCache(Executor):
         check_positive_int("cull_max_entries", cull_max_entries, none_means="to turn culling off")
         if not isinstance(cull_frequency, int) or isinstance(cull_frequency, bool) or cull_frequency < 0:
             raise ValueError(f"cull_frequency must be an int >= 0 (0 empties the cache), got {cull_frequency!r}")
-        self._cull = {"cull_max": cull_max_entries, "cull_frequency": cull_frequency} if cull_max_entries else {}
+        self._cull = {"cull_max": cull_max_entries, "cull_frequency": cull_frequency if cull_max_entries else None}
         self._s = statements_for(self.schema, self.table, user_id)
         self._where = f"{self.schema}.{self.table}"
         self._compiled = {}
@@ -152,9 +152,8 @@ class BaseCache(Executor):
             raise ValueError("nx and xx are mutually exclusive")
         key = normalize_key(key)
         flags, data = self._codec.serialize(value, key)
-        params = {"k": key, "val": data.hex(), "flg": flags, "ttl": normalize_ttl(ttl),
-                  "mode": SET_NX if nx else SET_XX if xx else SET, **self._cull}
-        stored = yield from self._call(self._s.set, params)
+        params = {"k": key, "val": data.hex(), "flg": flags, "ttl": normalize_ttl(ttl), **self._cull}
+        stored = yield from self._call(self._s.set_nx if nx else self._s.set_xx if xx else self._s.set, params)
         if stored:
             if self.guard is not None:
                 self.guard.remember([key])

@@ -66,7 +66,8 @@ class Contender:
 class Psycopg2Floor(Contender):
     """Raw psycopg2 in autocommit, one connection per thread, running the SQL it is given.
 
-    `sql` maps each call to (statement, fixed params), and "prepare" (if present) to statements each
+    `sql` maps each call to (statement, fixed params, positional picker or None) as floor_sql and
+    capture_sql give them, and "prepare" (if present) to statements each
     new connection runs first; `hex_values` sends values as hex text, as the library's write functions
     take them."""
 
@@ -95,15 +96,17 @@ class Psycopg2Floor(Contender):
         return data.hex() if self._hex else data
 
     def get(self, key):
-        sql, params = self._sql["get"]
+        sql, params, in_order = self._sql["get"]
         cursor = self._cursor
-        cursor.execute(sql, {**params, "k": key})
+        values = {**params, "k": key}
+        cursor.execute(sql, values if in_order is None else in_order(values))
         row = cursor.fetchone()
         return None if row is None else decode_json(str(row[0], "utf-8"))
 
     def set(self, key, value, ttl=None):
-        sql, params = self._sql["set"]
-        self._cursor.execute(sql, {**params, "k": key, "val": self._value(value), "flg": 2, "ttl": ttl})
+        sql, params, in_order = self._sql["set"]
+        values = {**params, "k": key, "val": self._value(value), "flg": 2, "ttl": ttl}
+        self._cursor.execute(sql, values if in_order is None else in_order(values))
 
     def set_many(self, mapping):
         from psycopg2.extras import execute_values
@@ -117,15 +120,17 @@ class Psycopg2Floor(Contender):
         execute_values(self._cursor, sql, rows, template=template, page_size=len(rows))
 
     def get_many(self, keys):
-        sql, params = self._sql["get_many"]
+        sql, params, in_order = self._sql["get_many"]
         cursor = self._cursor
-        cursor.execute(sql, {**params, "ks": list(keys)})
+        values = {**params, "ks": list(keys)}
+        cursor.execute(sql, values if in_order is None else in_order(values))
         return {row[0]: decode_json(str(row[1], "utf-8")) for row in cursor.fetchall()}
 
     def incr(self, key):
-        sql, params = self._sql["incr"]
+        sql, params, in_order = self._sql["incr"]
         cursor = self._cursor
-        cursor.execute(sql, {**params, "k": key, "amount": 1})
+        values = {**params, "k": key, "amount": 1}
+        cursor.execute(sql, values if in_order is None else in_order(values))
         result = cursor.fetchone()[0]
         return int(result[0] if isinstance(result, list) else result)  # the library's incr answers {n}
 

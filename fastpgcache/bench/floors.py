@@ -19,17 +19,20 @@ _FLOOR_MINE = "user_id = CAST(current_user AS text) COLLATE \"default\" AND (exp
 
 
 def floor_sql(qualified_table: str) -> dict:
-    """The plain SQL of a hand-written cache on `qualified_table`: what every ratio is measured against."""
+    """The plain SQL of a hand-written cache on `qualified_table`: what every ratio is measured against.
+
+    Each call maps to (statement, fixed params, None): the third item, for the
+    library's own SQL (capture_sql), picks positional arguments from the params."""
     t = qualified_table
     return {
-        "get": (f"SELECT value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = %(k)s", {}),
-        "get_many": (f"SELECT key, value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = ANY(%(ks)s)", {}),
-        "set": (_FLOOR_UPSERT.format(t=t, values=_FLOOR_ROW), {}),
+        "get": (f"SELECT value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = %(k)s", {}, None),
+        "get_many": (f"SELECT key, value, flags FROM {t} WHERE {_FLOOR_MINE} AND key = ANY(%(ks)s)", {}, None),
+        "set": (_FLOOR_UPSERT.format(t=t, values=_FLOOR_ROW), {}, None),
         "set_values": (_FLOOR_UPSERT.format(t=t, values="%s"), _FLOOR_ROW, {}),
         "incr": (f"INSERT INTO {t} AS c (user_id, key, value, flags) VALUES (current_user, %(k)s,"
                  " convert_to(CAST(%(amount)s AS text), 'UTF8'), 2) ON CONFLICT (user_id, key) DO UPDATE SET"
                  " value = convert_to(CAST(CAST(convert_from(c.value, 'UTF8') AS bigint) + %(amount)s AS text),"
-                 " 'UTF8') RETURNING convert_from(c.value, 'UTF8')", {}),
+                 " 'UTF8') RETURNING convert_from(c.value, 'UTF8')", {}, None),
     }
 
 
@@ -54,7 +57,8 @@ def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
     Recorded at the driver's cursor of an Engine like FastPgCache's own, below
     however the library executes, so the replaying contender sends the very same
     strings: each call's EXECUTE, after the PREPAREs listed under "prepare"
-    (which it runs once per connection, as the library does).
+    (which it runs once per connection, as the library does), with its
+    positional arguments picked from named params as the library picks them.
     """
     import psycopg2.extensions
 
@@ -62,7 +66,7 @@ def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
 
     class RecordingCursor(psycopg2.extensions.cursor):
         def execute(self, query, vars=None):
-            seen.append((query, dict(vars or {})))
+            seen.append((query, vars))
             return super().execute(query, vars)
 
     # psycopg2 whatever the URL names: the replaying contender is psycopg2, so it replays psycopg2's SQL.
@@ -82,7 +86,10 @@ def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
             if str(seen[at][0]).startswith("PREPARE "):  # the call's own statement is the EXECUTE after it
                 sql["prepare"].append(seen[at][0])
                 at += 1
-            sql[name] = seen[at]
+            query, arguments = seen[at]
+            prepared = next(compiled.prepared for compiled in cache._compiled.values()
+                            if compiled.prepared is not None and compiled.prepared.execute == query)
+            sql[name] = (query, dict(zip(prepared.names, arguments, strict=True)), prepared.arguments)
         cache.delete_many(["bench:capture", "bench:capture:n"])
     finally:
         engine.dispose()
