@@ -62,7 +62,7 @@ def library_sql(cache, dialect) -> dict:
     """The library's compiled get and set for `dialect`, and the fixed parameters it sends with them
     (`cache`, a blocking one, gives the statements and the role's identity)."""
     identity = cache._identity_now()
-    caller = {"me": identity.user, "secret": identity.secret_hex}
+    caller = {"credential": identity.credential}
     return {"get": (compile_for(cache._s.get, dialect), {}),
             "set": (compile_for(cache._s.set, dialect), {**caller, "flg": 2, "ttl": None, **cache._cull})}
 

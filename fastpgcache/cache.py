@@ -114,7 +114,7 @@ class BaseCache(Executor):
         """
         for _ in (1, 2):
             identity = self._identity or (yield from self._identify())
-            params["me"], params["secret"] = identity.user, identity.secret_hex
+            params["credential"] = identity.credential
             result = yield statement, params, scalar
             if result is not None:
                 return result

@@ -12,7 +12,7 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 
-from .model import CHANNEL_PREFIX
+from .model import CHANNEL_PREFIX, SECRET_BYTES
 
 TOKEN_HEX_DIGITS = 16
 """A key's token is this many hex digits of sha256(secret || key); the write functions send the same."""
@@ -35,10 +35,16 @@ class Identity:
     secret: bytes = field(repr=False)
     _recent: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __post_init__(self):
+        if len(self.secret) != SECRET_BYTES:  # only a row changed by hand: the credential could not be split
+            raise ValueError(f"the secret of role {self.user!r} is {len(self.secret)} bytes, not {SECRET_BYTES}: "
+                             "delete that role's row of the secrets table, and its next write creates a new one")
+
     @functools.cached_property
-    def secret_hex(self) -> str:
-        """The secret as the write functions take it (hex, decoded by the server); sent with every write."""
-        return self.secret.hex()
+    def credential(self) -> str:
+        """What every write sends as proof of identity: the secret in hex, then the role's name (the
+        statements split it by the secret's fixed length, statements.py)."""
+        return self.secret.hex() + self.user
 
     @property
     def channel(self) -> str:

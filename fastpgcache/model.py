@@ -36,6 +36,9 @@ Django and Flask caches are already written for; larger values belong in object 
 CHANNEL_PREFIX = "fastpgcache_"
 """Notification channels are this prefix and 32 hex digits of sha256(role secret, NUL)."""
 
+SECRET_BYTES = 32
+"""Length of a role's secret: a SHA-256 digest."""
+
 # A role's secret: 256 bits from two v4 UUIDs (gen_random_uuid uses the server's strong random source).
 _RANDOM_SECRET = ("pg_catalog.sha256(pg_catalog.convert_to(pg_catalog.gen_random_uuid()::pg_catalog.text"
                   " OPERATOR(pg_catalog.||) pg_catalog.gen_random_uuid()::pg_catalog.text, 'UTF8'))")

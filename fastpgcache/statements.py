@@ -17,7 +17,7 @@ from sqlalchemy import MetaData, Select, and_, any_, bindparam, case, cast, lite
 from sqlalchemy.sql.functions import Function
 from sqlalchemy.types import UserDefinedType
 
-from .model import cache_table, routine_name, secrets_table, usage_table
+from .model import SECRET_BYTES, cache_table, routine_name, secrets_table, usage_table
 
 
 class PgType(UserDefinedType):
@@ -134,11 +134,16 @@ class Statements:
         usage = usage_table(table_name).to_metadata(MetaData(), schema=schema)
         self.usage = select(usage.c.entries, usage.c.bytes).where(eq(usage.c.user_id, self.user))
 
+        credential = param("credential", TEXT)  # the secret in hex, then the role (Identity.credential)
+        caller = (pg("substr", credential, literal_column(str(2 * SECRET_BYTES + 1))),
+                  pg("decode", pg("left", credential, literal_column(str(2 * SECRET_BYTES))), literal_column("'hex'")))
+
         def call(verb: str, *arguments, identified: bool = True):
-            # A write function; its first arguments are the caller's identity (user_id, secret).
-            caller = (param("me", TEXT), byte_param("secret")) if identified else ()
+            # A write function; its first arguments are the caller's identity (user_id, secret), taken
+            # from one parameter: psycopg2 spends about 1 µs on each one it sends.
             # Marked as a write: never retried on another connection, since it may have committed.
-            return select(Function(routine_name(table_name, verb), *caller, *arguments, packagenames=(schema,))
+            return select(Function(routine_name(table_name, verb), *(caller if identified else ()), *arguments,
+                                   packagenames=(schema,))
                           ).execution_options(fastpgcache_write=True)
 
         value, ttl = byte_param("val"), param("ttl", FLOAT8)

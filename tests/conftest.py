@@ -93,7 +93,7 @@ def nested_plans(engine):
     def plans(cache, statement, params, settings=()) -> str:
         identity = cache._identity_now()
         compiled = cache._compile(statement, engine.dialect)
-        values = compiled.construct_params({**params, "me": identity.user, "secret": identity.secret_hex})
+        values = compiled.construct_params({**params, "credential": identity.credential})
         with engine.connect() as connection:
             for setting in ("LOAD 'auto_explain'", "SET auto_explain.log_min_duration = 0",
                             "SET auto_explain.log_nested_statements = on", "SET auto_explain.log_level = notice",
