@@ -40,7 +40,7 @@ from sqlalchemy.pool import NullPool
 
 from fastpgcache import AsyncFastPgCache, FastPgCache, setup_cache
 from fastpgcache.bench import LAYOUTS, apply_layout, create_floor_table, floor_sql
-from fastpgcache.codec import decode_json, encode_json
+from fastpgcache.codec import JSON, as_text, decode_json, encode_json
 from fastpgcache.embedded import default_url
 from fastpgcache.execution import compile_for
 
@@ -112,7 +112,7 @@ class Replay:
 
     def set(self, key, value):
         compiled, fixed = self.sql["set"]
-        self._send(compiled, {**fixed, "k": key, "val": encode_json(value).hex()})
+        self._send(compiled, {**fixed, "k": key, "val": as_text(JSON, encode_json(value))})
         self.cursor.fetchone()
 
 
@@ -142,7 +142,7 @@ class AsyncReplayPsycopg:
 
     async def set(self, key, value):
         compiled, fixed = self.sql["set"]
-        data = encode_json(value).hex()
+        data = as_text(JSON, encode_json(value))
         await self.cursor.execute(compiled.sql, compiled.values({**fixed, "k": key, "val": data}), prepare=True)
         await self.cursor.fetchone()
 
@@ -160,7 +160,7 @@ class AsyncReplayAsyncpg:
 
     async def set(self, key, value):
         compiled, fixed = self.sql["set"]
-        data = encode_json(value).hex()
+        data = as_text(JSON, encode_json(value))
         await self.connection.fetchrow(compiled.sql, *compiled.values({**fixed, "k": key, "val": data}))
 
 

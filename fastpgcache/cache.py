@@ -152,7 +152,7 @@ class BaseCache(Executor):
             raise ValueError("nx and xx are mutually exclusive")
         key = normalize_key(key)
         flags, data = self._codec.serialize(value, key)
-        params = {"k": key, "val": data.hex(), "flg": flags, "ttl": normalize_ttl(ttl), **self._cull}
+        params = {"k": key, "val": codec.as_text(flags, data), "ttl": normalize_ttl(ttl), **self._cull}
         stored = yield from self._call(self._s.set_nx if nx else self._s.set_xx if xx else self._s.set, params)
         if stored:
             if self.guard is not None:

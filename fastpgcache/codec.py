@@ -74,6 +74,15 @@ def decode_json(text: str):
     return value if end == len(text) else _DECODE(text)
 
 
+def as_text(flags: int, data: bytes) -> str:
+    """An encoded value as a set sends it: its flags' digit, then its bytes in hex (statements.value_param).
+
+    >>> as_text(TEXT, b"hi")
+    '16869'
+    """
+    return str(flags) + data.hex()
+
+
 def _refuse(obj) -> NoReturn:
     raise TypeError(
         f"cannot cache a value of type {type(obj).__name__}: use str, bytes, int, float, bool, None, "

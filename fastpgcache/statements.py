@@ -6,7 +6,9 @@ caller. Each function, operator, type and collation is named in pg_catalog
 (`pg_catalog.now()`, `OPERATOR(pg_catalog.=)`, `CAST(... AS pg_catalog.text)`),
 so no object on the caller's search path can stand in for one. Byte strings
 travel as hex text decoded by the server: psycopg2 would send them as
-`'...'::bytea`, a type name looked up on the search path.
+`'...'::bytea`, a type name looked up on the search path. A set sends its
+value, its encoding and the caller's identity in two text parameters that the
+statement takes apart: psycopg2's work per parameter is a good part of a set's.
 """
 from __future__ import annotations
 
@@ -58,9 +60,12 @@ def param(name: str, pg_type: PgType, **default) -> Any:
     return cast(bindparam(name, **default), pg_type)
 
 
-def byte_param(name: str) -> Any:
-    """A bytea parameter, sent as hex text (`bytes.hex()`) and decoded by the server."""
-    return pg("decode", param(name, TEXT), literal_column("'hex'"))
+def value_param(name: str) -> tuple[Any, Any]:
+    """A value's bytes and its flags, from one text parameter (`codec.as_text`): psycopg2 spends 3-9k
+    instructions on every parameter it sends, an int's the most (benchmarks/, callgrind)."""
+    text = param(name, TEXT)
+    return (pg("decode", pg("substr", text, literal_column("2")), literal_column("'hex'")),
+            cast(pg("left", text, literal_column("1")), INT2))
 
 
 def array_param(name: str, pg_type: PgType) -> Any:
@@ -146,11 +151,11 @@ class Statements:
                                    packagenames=(schema,))
                           ).execution_options(fastpgcache_write=True)
 
-        value, ttl = byte_param("val"), param("ttl", FLOAT8)
+        ttl = param("ttl", FLOAT8)
         cull = (param("cull_max", INT8), param("cull_frequency", INT4))  # Django's culling (NULL: off)
         # One statement per mode, the mode written in: each parameter costs psycopg2 about 1 µs to send.
         self.set, self.set_nx, self.set_xx = (
-            call("set", param("k", TEXT), value, param("flg", INT2), ttl, cast(literal_column(str(mode)), INT2), *cull)
+            call("set", param("k", TEXT), *value_param("val"), ttl, cast(literal_column(str(mode)), INT2), *cull)
             for mode in (SET, SET_NX, SET_XX))
         self.set_many = call("set_many", array_param("ks", TEXT_ARRAY), array_param("vals", BYTEA_ARRAY),
                              array_param("flgs", INT2_ARRAY), ttl, *cull)

@@ -349,7 +349,7 @@ def test_the_library_sql_contender_replays_the_library_s_prepared_statements(pg_
         assert verb == "EXECUTE" and name in prepared
     url = make_url(pg_url)
     replay = Psycopg2Floor(bench.LIB_SQL, lambda: psycopg2.connect(
-        host=url.host, port=url.port, user=url.username, dbname=url.database), sql, hex_values=True)
+        host=url.host, port=url.port, user=url.username, dbname=url.database), sql, text_values=True)
     try:
         replay.set("replayed", {"n": 1})
         assert replay.incr("counted") == 1 and replay.incr("counted") == 2

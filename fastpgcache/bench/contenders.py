@@ -11,7 +11,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from ..cache import Cache
-from ..codec import decode_json, encode_json
+from ..codec import JSON, as_text, decode_json, encode_json
 
 
 def sample_value(size: int) -> dict:
@@ -67,14 +67,13 @@ class Psycopg2Floor(Contender):
     """Raw psycopg2 in autocommit, one connection per thread, running the SQL it is given.
 
     `sql` maps each call to (statement, fixed params, positional picker or None) as floor_sql and
-    capture_sql give them, and "prepare" (if present) to statements each
-    new connection runs first; `hex_values` sends values as hex text, as the library's write functions
-    take them."""
+    capture_sql give them, and "prepare" (if present) to statements each new connection runs first;
+    `text_values` sends each value as one text parameter, as the library's set does (codec.as_text)."""
 
     def __init__(self, name: str, connect: Callable, sql: dict, workloads: set | None = None,
-                 hex_values: bool = False):
+                 text_values: bool = False):
         self.name, self.workloads, self._connect, self._sql = name, workloads, connect, sql
-        self._hex = hex_values
+        self._text = text_values
         self._local = threading.local()
         self._all: list = []  # every thread's connection, closed together
 
@@ -93,7 +92,7 @@ class Psycopg2Floor(Contender):
 
     def _value(self, value):
         data = _encode(value)
-        return data.hex() if self._hex else data
+        return as_text(JSON, data) if self._text else data
 
     def get(self, key):
         sql, params, in_order = self._sql["get"]

@@ -245,7 +245,7 @@ class _Scratch:
         factories = {
             FLOOR: lambda: Psycopg2Floor(FLOOR, connect, floor_sql(self.floor_table)),
             LIB_SQL: lambda: Psycopg2Floor(LIB_SQL, connect, capture_sql(self.url, self.schema), library_sql,
-                                           hex_values=True),
+                                           text_values=True),
             LIB: lambda: self._client(LIB, self.schema, settings),
             f"{LIB}, guard off": lambda: self._client(f"{LIB}, guard off", self.schema, settings, guard_off,
                                                       use_cuckoo_filter=False),
