@@ -121,7 +121,7 @@ class Prepared(NamedTuple):
 
     name: str  # a digest of the statement: one name always means one statement, on any connection
     prepare: str
-    execute: str  # with positional parameters: psycopg2 reads `%(name)s` slower, 1.4 µs of a set's 9 (benchmarks/)
+    execute: str  # positional: psycopg2 parses and looks up each `%(name)s`, 14k of a set's 139k instructions
     names: tuple[str, ...]  # the parameters' names, in the EXECUTE's order
     arguments: Callable[[dict], tuple | None]  # their values, in that order, from a call's params
 

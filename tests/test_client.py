@@ -227,6 +227,23 @@ def test_a_statement_postgresql_cannot_prepare_runs_unprepared(pg_url, schema):
         assert client._compiled[untyped].prepared is None
 
 
+def test_prepared_statements_take_their_arguments_by_position(pg_url, schema):
+    from fastpgcache.execution import prepared_form
+
+    repeated = prepared_form("SELECT %(b)s, %(a)s, %(b)s, '100%%'")
+    assert repeated.prepare.endswith("AS SELECT $1, $2, $1, '100%'") and repeated.names == ("b", "a")
+    assert repeated.execute == f"EXECUTE {repeated.name}(%s, %s)"
+    assert repeated.arguments({"a": 1, "b": 2, "c": 3}) == (2, 1)
+    assert prepared_form("SELECT %(k)s").arguments({"k": "x", "z": 0}) == ("x",)
+    bare = prepared_form("SELECT 1")
+    assert bare.execute == f"EXECUTE {bare.name}" and bare.arguments({"z": 0}) is None
+    with psycopg2_client(pg_url, schema) as client:  # the library's own, run prepared with those arguments
+        statement = text("SELECT CAST(:b AS text) || CAST(:a AS text) || CAST(:b AS text)")
+        assert client._execute(statement, {"a": "1", "b": "2"}, scalar) == "212"
+        assert client._execute(statement, {"a": "x", "b": "y"}, scalar) == "yxy"
+        assert client._compiled[statement].prepared is not None
+
+
 def test_behind_pgbouncer_prepared_psycopg2_calls_stay_exact(start_pgbouncer, schema):
     # Transaction mode hands each call any server connection: an EXECUTE may land where nothing was
     # PREPAREd. Every call must still run exactly once.

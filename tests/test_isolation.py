@@ -3,8 +3,10 @@ import logging
 import time
 
 import pytest
+from conftest import drop_roles
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
 
 from fastpgcache import Cache, CachePermissionError, FastPgCache, setup_cache
 
@@ -139,3 +141,37 @@ def test_secrets_never_in_reprs_logs_or_errors(make_role, schema, caplog):
         FastPgCache(url=bad)
     seen += [str(raised.value), caplog.text]
     assert all(secret not in text_ for text_ in seen)
+
+
+def test_role_names_of_any_shape_write_as_themselves(engine, pg_url, schema):
+    # A write's credential is the secret in hex, then the role's name, split by the secret's fixed length:
+    # names with spaces, quotes, percent signs, non-ASCII letters or a run of hex digits work as any other.
+
+    names = ['we ird %s "quoted" it\'s', "zoë_ça_日本", "ab" * 31 + "c", "0123456789abcdef" * 3 + "x"]
+    quote = engine.dialect.identifier_preparer.quote_identifier
+    with engine.begin() as connection:
+        for name in names:
+            connection.exec_driver_sql(f"CREATE ROLE {quote(name)} LOGIN NOSUPERUSER NOBYPASSRLS")
+    try:
+        caches = [FastPgCache(url=make_url(pg_url).set(username=name), schema=schema, use_cuckoo_filter=False)
+                  for name in names]
+        for name, cache in zip(names, caches, strict=True):
+            assert cache.set("k", name) is True and cache.set("k", "again", nx=True) is False
+            assert cache.incr("n", 2) == 2 and cache.expire("k", 60) is True
+        for name, cache in zip(names, caches, strict=True):
+            assert cache.get("k") == name and cache.ttl("k") > 0 and cache.delete("n") is True
+            cache.close()
+        with engine.connect() as connection:
+            rows = connection.execute(text(f'SELECT user_id, convert_from(value, \'UTF8\') FROM "{schema}".cache'
+                                           " WHERE key = 'k'")).all()
+        assert sorted(rows) == sorted((name, name) for name in names)
+    finally:
+        drop_roles(engine, names)
+
+
+def test_a_secret_of_another_length_is_refused_with_what_to_do():
+    from fastpgcache.identity import Identity
+
+    assert Identity("alice", bytes(32)).credential == "00" * 32 + "alice"
+    with pytest.raises(ValueError, match="is 16 bytes, not 32: delete that role's row"):
+        Identity("alice", bytes(16))
