@@ -64,7 +64,7 @@ def library_sql(cache, dialect) -> dict:
     identity = cache._identity_now()
     caller = {"credential": identity.credential}
     return {"get": (compile_for(cache._s.get, dialect), {}),
-            "set": (compile_for(cache._s.set, dialect), {**caller, "flg": 2, "ttl": None, **cache._cull})}
+            "set": (compile_for(cache._s.set, dialect), {**caller, "ttl": None, **cache._cull})}
 
 
 # -- blocking contenders ------------------------------------------------------------------------
