@@ -123,7 +123,7 @@ class Prepared(NamedTuple):
     prepare: str
     execute: str  # positional: psycopg2 parses and looks up each `%(name)s`, 14k of a set's 139k instructions
     names: tuple[str, ...]  # the parameters' names, in the EXECUTE's order
-    arguments: Callable[[dict], tuple | None]  # their values, in that order, from a call's params
+    arguments: Callable[[dict], tuple | None]  # their values, in that order, from a call's params (not values())
 
 
 class Compiled(NamedTuple):
@@ -147,11 +147,21 @@ def compile_for(statement, dialect) -> Compiled:
     """`statement` compiled for `dialect`, with its parameters prepared once."""
     compiled = statement.compile(dialect=dialect)
     order = tuple(compiled.positiontup) if compiled.positional else None
-    prepared = prepared_form(compiled.string) if dialect.driver == "psycopg2" else None
     if compiled._bind_processors:
-        return Compiled(compiled.string, None, compiled, order, prepared)
-    static = {compiled.bind_names[bind]: bind.value for bind in compiled.binds.values() if not bind.required} or None
-    return Compiled(compiled.string, static, None, order, prepared)
+        result = Compiled(compiled.string, None, compiled, order)
+    else:
+        static = {compiled.bind_names[bind]: bind.value for bind in compiled.binds.values() if not bind.required}
+        result = Compiled(compiled.string, static or None, None, order)
+    prepared = prepared_form(compiled.string) if dialect.driver == "psycopg2" else None
+    if prepared is not None and (result.static or result.processing):
+        pick = prepared.arguments
+
+        def arguments(params: dict) -> tuple | None:
+            # Still straight from a call's params: the statement's own values go in first.
+            return pick(result.values(params))
+
+        prepared = prepared._replace(arguments=arguments)
+    return result._replace(prepared=prepared)
 
 
 _PYFORMAT = re.compile(r"%\((\w+)\)s|%%")
@@ -286,13 +296,15 @@ class Executor:
         for attempt in (1, 2):
             lease = leases.acquire()
             switch = not leases.autocommit and not lease.driver.autocommit
-            sql, values = compiled.sql, compiled.values(params)
+            sql = compiled.sql
             try:
                 if switch:
                     lease.driver.autocommit = True
                 if prepared is not None and (prepared.name in lease.prepared or
                                              self._prepare(lease, statement, compiled)):
-                    sql, values = prepared.execute, prepared.arguments(values)
+                    sql, values = prepared.execute, prepared.arguments(params)
+                else:
+                    values = compiled.values(params)
                 return self._run(lease.cursor, lease.fairy, dialect, sql, values, consume)
             except sa_exc.DBAPIError as error:
                 if error.connection_invalidated:

@@ -91,22 +91,16 @@ def leases_for(engine, keep=None, *, kind=None):
 class Lease:
     """A pooled connection held for one call at a time, with its reusable cursor."""
 
-    __slots__ = ("fairy", "driver", "_cursor", "_poller", "_prepared")
+    __slots__ = ("fairy", "driver", "prepared", "_cursor", "_poller")
 
     def __init__(self, fairy):
         self.fairy = fairy
         self.driver = fairy.driver_connection
+        # Names of the statements PREPAREd on this connection (execution.py), kept in the pool's `info`
+        # for it, which lives as long as the connection.
+        self.prepared = fairy.info.setdefault("fastpgcache_prepared", set())
         self._cursor = None
         self._poller = None
-        self._prepared: set | None = None
-
-    @property
-    def prepared(self) -> set:
-        """Names of the statements PREPAREd on this connection (execution.py), kept in the pool's `info` for
-        it, which lives as long as the connection; looked up only where statements are prepared."""
-        if self._prepared is None:
-            self._prepared = self.fairy.info.setdefault("fastpgcache_prepared", set())
-        return self._prepared
 
     @property
     def cursor(self):

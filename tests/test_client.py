@@ -242,6 +242,10 @@ def test_prepared_statements_take_their_arguments_by_position(pg_url, schema):
         assert client._execute(statement, {"a": "1", "b": "2"}, scalar) == "212"
         assert client._execute(statement, {"a": "x", "b": "y"}, scalar) == "yxy"
         assert client._compiled[statement].prepared is not None
+        defaulted = text("SELECT CAST(:a AS text) || CAST(:b AS text)").bindparams(b="-default")
+        assert client._execute(defaulted, {"a": "x"}, scalar) == "x-default"  # the statement's own value
+        assert client._execute(defaulted, {"a": "x", "b": "-given"}, scalar) == "x-given"
+        assert client._compiled[defaulted].prepared is not None
 
 
 def test_behind_pgbouncer_prepared_psycopg2_calls_stay_exact(start_pgbouncer, schema):
