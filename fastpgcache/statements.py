@@ -60,12 +60,16 @@ def param(name: str, pg_type: PgType, **default) -> Any:
     return cast(bindparam(name, **default), pg_type)
 
 
+def from_hex(text: Any) -> Any:
+    """The bytea a hex text (`bytes.hex()`) stands for, decoded by the server."""
+    return pg("decode", text, literal_column("'hex'"))
+
+
 def value_param(name: str) -> tuple[Any, Any]:
     """A value's bytes and its flags, from one text parameter (`codec.as_text`): psycopg2 spends 3-9k
     instructions on every parameter it sends, an int's the most (benchmarks/, callgrind)."""
     text = param(name, TEXT)
-    return (pg("decode", pg("substr", text, literal_column("2")), literal_column("'hex'")),
-            cast(pg("left", text, literal_column("1")), INT2))
+    return from_hex(pg("substr", text, literal_column("2"))), cast(pg("left", text, literal_column("1")), INT2)
 
 
 def array_param(name: str, pg_type: PgType) -> Any:
@@ -141,11 +145,11 @@ class Statements:
 
         credential = param("credential", TEXT)  # the secret in hex, then the role (Identity.credential)
         caller = (pg("substr", credential, literal_column(str(2 * SECRET_BYTES + 1))),
-                  pg("decode", pg("left", credential, literal_column(str(2 * SECRET_BYTES))), literal_column("'hex'")))
+                  from_hex(pg("left", credential, literal_column(str(2 * SECRET_BYTES)))))
 
         def call(verb: str, *arguments, identified: bool = True):
             # A write function; its first arguments are the caller's identity (user_id, secret), taken
-            # from one parameter: psycopg2 spends about 1 µs on each one it sends.
+            # from one parameter (see value_param).
             # Marked as a write: never retried on another connection, since it may have committed.
             return select(Function(routine_name(table_name, verb), *(caller if identified else ()), *arguments,
                                    packagenames=(schema,))
@@ -153,7 +157,7 @@ class Statements:
 
         ttl = param("ttl", FLOAT8)
         cull = (param("cull_max", INT8), param("cull_frequency", INT4))  # Django's culling (NULL: off)
-        # One statement per mode, the mode written in: each parameter costs psycopg2 about 1 µs to send.
+        # One statement per mode, the mode written in rather than sent (see value_param).
         self.set, self.set_nx, self.set_xx = (
             call("set", param("k", TEXT), *value_param("val"), ttl, cast(literal_column(str(mode)), INT2), *cull)
             for mode in (SET, SET_NX, SET_XX))
