@@ -11,7 +11,7 @@ import os
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy import exc as sa_exc
 
-from alembic import context
+from alembic import context, operations
 from fastpgcache.admin import KEEP_SCHEMA, VERSION_TABLE, MigrationOptions
 from fastpgcache.catalog import SEARCH_PATH
 from fastpgcache.distributed import apply_distribution, sync_owner_login
@@ -46,6 +46,9 @@ def _configure_and_run(connection):
             # At head, the table is made (or kept) distributed or local as asked (Citus, distributed.py); a
             # revision that creates objects on a distributed table gets them distributed here.
             apply_distribution(connection, options)
+            # Citus may have arrived since the set function was made (migration 0007).
+            with operations.Operations.context(context.get_context()):
+                context.script.get_revision("0007_set_verifies_in_write").module.fit(connection)
         if not heads:
             # Downgraded to base: leave nothing behind, not even the history.
             version_table = connection.dialect.identifier_preparer.quote(VERSION_TABLE)

@@ -6,11 +6,16 @@
 The floor is the bench's own contender (`Psycopg2Floor`): raw psycopg2 in
 autocommit sending the plain SQL of a hand-written cache (`floor_sql`) to a
 plain UNLOGGED table of the cache's shape, encoding and decoding values as the
-library does. `fastpgcache bench` runs ten contenders and eleven
-workloads in one process; here only the floor and two FastPgCache clients
-(the guard off, and on) take turns, in blocks of 200 calls, the order rotating
-each round, with expiry on write off. Prints the median of the rounds' per-call
-means, and each client's ratio to the floor.
+library does. Beside it run the library's own SQL replayed by raw psycopg2
+(`capture_sql`, on the library's table) and two FastPgCache clients (the guard
+off, and on), in blocks of 200 calls, the order rotating each round, with
+expiry on write off. Prints the median of the rounds' per-call means, each
+contender's ratio to the floor, and where the time went: the client process's
+CPU per call and, for a server on this machine, the CPU its backends used per
+call (from /proc/<pid>/schedstat). The replay sends the library's SQL with
+none of its Python, so the replay's server CPU against the floor's is what
+the library's SQL costs the server, and the library's client CPU against the
+replay's is what its Python costs the client.
 """
 from __future__ import annotations
 
@@ -25,45 +30,86 @@ from sqlalchemy.engine import make_url
 
 from fastpgcache import FastPgCache, setup_cache
 from fastpgcache.bench.contenders import Psycopg2Floor, sample_value
-from fastpgcache.bench.floors import create_floor_table, floor_sql
-from fastpgcache.bench.layout import LAYOUTS, apply_layout
+from fastpgcache.bench.floors import capture_sql, create_floor_table, floor_sql
+from fastpgcache.bench.layout import LAYOUTS, apply_layout, local_backend
 from fastpgcache.embedded import default_url
 
 VALUE = sample_value(100)  # the bench's value: a JSON object of 100 bytes
 KEYS = [f"k{i}" for i in range(200)]
+NAMES = ("floor", "library SQL", "guard off", "guard on")
 
 
-def contenders(dsn: str, schema: str, floor_table: str) -> tuple[dict, list]:
-    """name -> one call taking a key, and what to close afterwards."""
-    off = FastPgCache(dsn, schema=schema, use_cuckoo_filter=False, expire_every=None)
-    on = FastPgCache(dsn, schema=schema, expire_every=None)
-    floor = Psycopg2Floor("psycopg2", lambda: psycopg2.connect(dsn), floor_sql(floor_table))
+def contenders(url, schema: str, floor_table: str) -> tuple[dict, list]:
+    """name -> one call taking a key, and what to close afterwards. Each contender connects under its
+    own application_name (the schema, and the name's place in NAMES), which is how its backends are found."""
+    def dsn(name: str) -> str:
+        tagged = url.set(drivername="postgresql").update_query_dict({"application_name": application(schema, name)})
+        return tagged.render_as_string(hide_password=False)
+
+    floor = Psycopg2Floor("psycopg2", lambda: psycopg2.connect(dsn("floor")), floor_sql(floor_table))
+    replay = Psycopg2Floor("psycopg2, library SQL", lambda: psycopg2.connect(dsn("library SQL")),
+                           capture_sql(url, schema), text_values=True)
+    off = FastPgCache(dsn("guard off"), schema=schema, use_cuckoo_filter=False, expire_every=None)
+    on = FastPgCache(dsn("guard on"), schema=schema, expire_every=None)
     for key in KEYS:
-        floor.set(key, VALUE)
-        on.set(key, VALUE)
+        for client in (floor, replay, on):
+            client.set(key, VALUE)
     if not on.guard.wait_until_trusted(10):
         raise SystemExit(f"the guard did not start: {on.guard.state}")
-    calls = {"set, floor": lambda key: floor.set(key, VALUE), "set, guard off": lambda key: off.set(key, VALUE),
-             "set, guard on": lambda key: on.set(key, VALUE),
-             "get, floor": floor.get, "get, guard off": off.get, "get, guard on": on.get}
-    return calls, [on, off, floor]
+    clients = dict(zip(NAMES, (floor, replay, off, on), strict=True))
+    calls = {f"set, {name}": lambda key, client=client: client.set(key, VALUE) for name, client in clients.items()}
+    calls.update({f"get, {name}": client.get for name, client in clients.items()})
+    return calls, [on, off, replay, floor]
 
 
-def measure(calls: dict, rounds: int) -> dict:
-    """Median over `rounds` of each call's mean µs over the 200 keys, the order rotating per round."""
+def application(schema: str, name: str) -> str:
+    return f"{schema}:{NAMES.index(name)}"
+
+
+def server_clock(admin, schema: str) -> dict:
+    """contender -> a function giving the CPU ns its backends have used so far, for a server on this machine."""
+    with admin.connect() as connection:
+        rows = connection.execute(text("SELECT application_name, pid FROM pg_stat_activity")).all()
+    backends: dict[str, list[int]] = {}
+    for tag, pid in rows:
+        if (tag or "").startswith(f"{schema}:") and local_backend(pid):
+            backends.setdefault(NAMES[int(tag.split(":", 1)[1])], []).append(pid)
+
+    def used(pid: int) -> int:
+        with open(f"/proc/{pid}/schedstat") as schedstat:  # ns on a CPU, waiting time, timeslices
+            return int(schedstat.read().split()[0])
+
+    def clock(pids):
+        return lambda: sum(used(pid) for pid in pids)
+
+    return {name: clock(pids) for name, pids in backends.items()}
+
+
+def measure(calls: dict, servers: dict, rounds: int) -> dict:
+    """Per call, the median over `rounds` of (wall µs, client CPU µs, server CPU µs or None), the order
+    rotating per round."""
     names = list(calls)
     for call in calls.values():
         for key in KEYS:
             call(key)
-    means: dict[str, list[float]] = {name: [] for name in names}
+    blocks: dict[str, list[tuple]] = {name: [] for name in names}
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            call = calls[name]
-            started = time.perf_counter_ns()
+            call, server = calls[name], servers.get(name.split(", ", 1)[1])
+            server_before = server() if server else 0
+            cpu_before, started = time.process_time_ns(), time.perf_counter_ns()
             for key in KEYS:
                 call(key)
-            means[name].append((time.perf_counter_ns() - started) / len(KEYS) / 1000)
-    return {name: statistics.median(values) for name, values in means.items()}
+            wall, cpu = time.perf_counter_ns() - started, time.process_time_ns() - cpu_before
+            server_used = server() - server_before if server else None
+            blocks[name].append((wall, cpu, server_used))
+    per_call = len(KEYS) * 1000
+
+    def median(values):
+        return None if None in values else statistics.median(values) / per_call
+
+    return {name: tuple(median([block[i] for block in measured]) for i in range(3))
+            for name, measured in blocks.items()}
 
 
 def main() -> None:
@@ -73,16 +119,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     url = make_url(args.url or default_url()).set(drivername="postgresql+psycopg2")
-    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
     admin = create_engine(url)
     schema = f"floor_loop_{uuid.uuid4().hex[:8]}"
     setup_cache(engine=admin, schema=schema)
     with admin.begin() as connection:
         floor_table = create_floor_table(connection, schema)
-    calls, opened = contenders(dsn, schema, floor_table)
+    calls, opened = contenders(url, schema, floor_table)
     pinned = apply_layout(args.layout, admin)
     try:
-        medians = measure(calls, args.rounds)
+        results = measure(calls, server_clock(admin, schema), args.rounds)
     finally:
         pinned.undo()
         for thing in opened:
@@ -90,11 +135,12 @@ def main() -> None:
         with admin.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
-    print(f"{pinned.note}; {args.rounds} rounds of {len(KEYS)} calls")
-    for name, micros in medians.items():
-        workload = name.split(",")[0]
-        ratio = micros / medians[f"{workload}, floor"]
-        print(f"  {name:16s} {micros:7.1f} µs  {ratio:.2f}x the floor")
+    print(f"{pinned.note}; {args.rounds} rounds of {len(KEYS)} calls; µs per call (CPU: client process, server"
+          " backends)")
+    for name, (wall, client, server) in results.items():
+        ratio = wall / results[f"{name.split(',')[0]}, floor"][0]
+        on_server = "n/a (not a local server)" if server is None else f"{server:5.1f}"
+        print(f"  {name:18s} {wall:7.1f} µs  {ratio:.2f}x the floor   CPU: client {client:5.1f}  server {on_server}")
 
 
 if __name__ == "__main__":

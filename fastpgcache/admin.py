@@ -171,7 +171,7 @@ def cache_status(bind: Engine | Connection, schema: str = DEFAULT_SCHEMA, table:
 
     Only the catalogs are read until every object is known to belong to a trusted role::
 
-        cache_status(engine, "public")["revision"]   # '0006_limit_constants'
+        cache_status(engine, "public")["revision"]   # '0007_set_verifies_in_write'
     """
     if isinstance(bind, Engine):
         try:

@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from fastpgcache import Cache, CacheError, setup_cache
-from fastpgcache.admin import cache_status, main
+from fastpgcache.admin import cache_status, head_revision, main
 from fastpgcache.distributed import DELEGATED_VERBS, scram_verifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +130,33 @@ def test_converting_a_plain_table_keeps_its_rows_secrets_and_grants(citus, citus
 
 @citus
 @own_server
+def test_a_set_function_made_before_citus_arrived_is_replaced_by_one_citus_can_run(citus, citus_admin, fresh_schema,
+                                                                                   citus_role):
+    # Where Citus is missing, migration 0007 verifies the caller's secret inside the upsert's INSERT ... SELECT,
+    # which Citus cannot plan; a database that gets Citus later still has that body until setup runs again.
+    schema = fresh_schema()
+    setup_cache(engine=citus_admin, schema=schema)
+    signature = f'"{schema}".cache_set(text, bytea, text, bytea, smallint, double precision, smallint, bigint, integer)'
+    function = f"CAST('{signature}' AS regprocedure)"
+    citus_body = _scalar(citus.coordinator_url, f"SELECT prosrc FROM pg_proc WHERE oid = {function}")
+    definition = _scalar(citus.coordinator_url, f"SELECT pg_get_functiondef({function})")
+    plain = definition.replace("        VALUES (p_user, p_key, p_value, p_flags, v_expires, v_now)\n",
+                               f'        SELECT p_user, p_key, p_value, p_flags, v_expires, v_now FROM "{schema}"'
+                               ".cache_secrets AS s WHERE s.user_id = p_user AND s.secret = p_secret\n")
+    assert plain != definition
+    _scalar(citus.coordinator_url, plain)
+    assert _scalar(citus.coordinator_url, f"SELECT prosrc FROM pg_proc WHERE oid = {function}") != citus_body
+    status = setup_cache(engine=citus_admin, schema=schema, distributed=True)
+    assert status["distribution"]["column"] == "key" and not status["problems"]
+    assert _scalar(citus.coordinator_url, f"SELECT prosrc FROM pg_proc WHERE oid = {function}") == citus_body
+    _, urls = citus_role("arrived")
+    cache = Cache(create_engine(urls["worker0"]), schema=schema)
+    assert cache.set("k", 1) is True and cache.set("k", 2, nx=True) is False and cache.get("k") == 1
+    cache.bind.dispose()
+
+
+@citus
+@own_server
 def test_rerun_force_shard_count_and_persistence_keep_it_distributed(citus, citus_admin, fresh_schema, citus_role,
                                                                      capsys):
     schema = fresh_schema()
@@ -209,7 +236,7 @@ def test_an_upgrade_through_a_new_revision_keeps_the_table_distributed(citus, ci
 from alembic import context, op
 
 revision = "0099_note"
-down_revision = "0006_limit_constants"
+down_revision = "HEAD"
 branch_labels = None
 depends_on = None
 
@@ -222,7 +249,7 @@ def upgrade():
 def downgrade():
     options = context.config.attributes["fastpgcache"]
     op.execute(f"ALTER TABLE {options.qualified_table(op.get_bind().dialect)} DROP COLUMN note")
-''')
+'''.replace("HEAD", head_revision()))
     monkeypatch.setattr("fastpgcache.admin.migrations_dir", lambda: migrations)
     status = setup_cache(engine=citus_admin, schema=schema)
     assert status["revision"] == "0099_note" and status["distribution"]["shards"] == 4 and not status["problems"]
@@ -252,7 +279,7 @@ def test_alembic_upgrades_an_older_plain_table_and_distributes_it_with_its_rows(
                                 "SELECT 'someone', 'k' || i, 'v' FROM generate_series(1, 25) AS i"))
     alembic("-x", "distributed=true", "-x", "shard_count=4", "upgrade", "head")
     status = cache_status(citus_admin, schema)
-    assert status["revision"] == "0006_limit_constants" and status["distribution"]["shards"] == 4
+    assert status["revision"] == head_revision() and status["distribution"]["shards"] == 4
     assert _scalar(citus.worker_urls[1], f'SELECT count(*) FROM "{schema}".cache') == 25
     alembic("downgrade", "0003_fillfactor")  # the trigger of 0003 cannot live on a Citus table: local again
     assert cache_status(citus_admin, schema)["distribution"] is None

@@ -629,17 +629,20 @@ def test_code_of_another_role_cannot_write_as_its_caller(engine, schema, victim,
             # SECURITY DEFINER: runs as mallory whoever calls it; it tries to write as its caller.
             connection.execute(text(
                 f'CREATE FUNCTION "trap_{mallory_name}".helpful() RETURNS text LANGUAGE plpgsql SECURITY DEFINER AS $$'
-                f" DECLARE mine boolean; theirs boolean; BEGIN"
+                f" DECLARE mine boolean; theirs text; BEGIN"
                 f" mine := \"{schema}\".cache_set('{identity.user}', '\\x{identity.secret.hex()}'::bytea, 'planted',"
                 f" 'x'::bytea, 1::int2, NULL, 0::int2, NULL, NULL);"
-                f" theirs := \"{schema}\".cache_set(session_user::text, '\\x00'::bytea, 'planted', 'x'::bytea, 1::int2,"
-                f" NULL, 0::int2, NULL, NULL);"
-                f" RETURN coalesce(mine::text, 'refused') || ' ' || coalesce(theirs::text, 'refused'); END $$"))
+                # Every mode, on a key the caller has and one it has not, and with culling to zero entries.
+                f" SELECT string_agg(coalesce(\"{schema}\".cache_set(session_user::text, '\\x00'::bytea, k, 'x'::bytea,"
+                f" 1::int2, NULL, m::int2, c, 0)::text, 'refused'), ' ') INTO theirs FROM (VALUES ('warm', 0, NULL),"
+                f" ('warm', 1, NULL), ('planted', 1, NULL), ('warm', 2, NULL), ('planted', 2, NULL), ('planted', 0, 0))"
+                f" AS attempt (k, m, c);"
+                f" RETURN coalesce(mine::text, 'refused') || ' ' || theirs; END $$"))
             connection.execute(text(f'GRANT EXECUTE ON FUNCTION "trap_{mallory_name}".helpful() TO PUBLIC'))
         with victim_engine.begin() as connection:
             answer = connection.execute(text(f'SELECT "trap_{mallory_name}".helpful()')).scalar()
-        assert answer == "refused refused"
-        assert cache.get("planted") is None
+        assert answer == "refused" + " refused" * 6
+        assert cache.get("planted") is None and cache.get("warm") == 1
     finally:
         with engine.begin() as connection:
             connection.execute(text(f'DROP SCHEMA "trap_{mallory_name}" CASCADE'))

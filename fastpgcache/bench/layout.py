@@ -182,6 +182,11 @@ def _local_parent(pid: int, name: str) -> int | None:
     return stat[1] if stat and stat[0] == name else None
 
 
+def local_backend(pid: int) -> bool:
+    """Whether `pid` (from pg_backend_pid()) is a PostgreSQL backend on this machine, whose /proc we can read."""
+    return _local_parent(pid, "postgres") is not None
+
+
 def _local_children(parent: int) -> list[int]:
 
     return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and (_proc_stat(int(pid)) or ("", 0))[1] == parent]
