@@ -80,10 +80,9 @@ _CHANGES = (
 )
 
 
-def _set_function(changed: bool) -> str:
+def _set_function(names, changed: bool) -> str:
     """CREATE OR REPLACE of the set function: as revision 0006 left it, or with this revision's changes."""
     limits = context.script.get_revision("0006_limit_constants").module
-    names = context.script.get_revision("0004_write_functions").module._names()
     statement = next(statement for statement in limits._settings_readers(limits._TAKE_CONSTANTS)
                      if f"FUNCTION {names.set}(" in statement)
     if changed:
@@ -96,11 +95,15 @@ def _set_function(changed: bool) -> str:
     return statement
 
 
+def _names():
+    return context.script.get_revision("0004_write_functions").module._names()
+
+
 def fit(connection) -> None:
     """Give the set function the body this database can run (see above), if it has another."""
-    statement = _set_function(changed=not citus_installed(connection))
+    names = _names()
+    statement = _set_function(names, changed=not citus_installed(connection))
     body = statement[statement.index("$body$") + len("$body$"):statement.rindex("$body$")]
-    names = context.script.get_revision("0004_write_functions").module._names()
     current = connection.execute(text("SELECT prosrc FROM pg_catalog.pg_proc WHERE oid = CAST(:f AS regproc)"),
                                  {"f": names.set}).scalar()
     if current != body:
@@ -112,4 +115,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    run_ddl(op.get_bind(), _set_function(changed=False))
+    run_ddl(op.get_bind(), _set_function(_names(), changed=False))
