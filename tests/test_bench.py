@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from fastpgcache import bench
@@ -156,6 +157,16 @@ def _repinnable_postmaster(engine) -> int | None:
 def _backend_pid(connection) -> int:
     """The server process behind `connection`, whose affinity the pinning tests read."""
     return connection.execute(text("SELECT pg_backend_pid()")).scalar()
+
+
+def test_local_backend_finds_a_server_process_on_this_machine_and_nothing_else(engine, pg_url):
+    # floor_loop.py reads the CPU of these processes from /proc, so anything else must not pass.
+    with engine.connect() as connection:
+        backend = _backend_pid(connection)
+    on_this_machine = make_url(pg_url).host in (None, "", "127.0.0.1", "localhost", "::1")
+    assert bench.layout.local_backend(backend) is on_this_machine
+    assert bench.layout.local_backend(os.getpid()) is False
+    assert bench.layout.local_backend(2**22 + 1) is False  # above Linux's largest pid: no such process
 
 
 @pytest.fixture
