@@ -64,6 +64,21 @@ def test_running_setup_twice_keeps_rows(engine, schema):
     assert Cache(engine, schema=schema).get("kept") == "yes"
 
 
+def test_setup_rerun_leaves_the_set_function_alone_when_its_body_is_current_or_it_is_gone(engine, schema):
+    def set_function_version():
+        with engine.connect() as connection:
+            return connection.execute(text("SELECT xmin::text FROM pg_proc WHERE oid = to_regproc(:f)"),
+                                      {"f": f"{schema}.cache_set"}).scalar()
+
+    before = set_function_version()
+    setup_cache(engine=engine, schema=schema)
+    assert set_function_version() == before  # migration 0007's fit issued no DDL: the body was already right
+    with engine.begin() as connection:
+        connection.execute(text(f'DROP FUNCTION "{schema}".cache_set'))
+    assert setup_cache(engine=engine, schema=schema)["revision"] == head_revision()
+    assert set_function_version() is None
+
+
 def test_force_drops_and_recreates(engine, schema):
     Cache(engine, schema=schema).set("gone", "soon")
     status = setup_cache(engine=engine, schema=schema, force=True)

@@ -100,13 +100,18 @@ def _names():
 
 
 def fit(connection) -> None:
-    """Give the set function the body this database can run (see above), if it has another."""
+    """Give the set function the body this database can run (see above), if it has another.
+
+    A set function that is missing is left alone: `fastpgcache-admin --check` reports it."""
     names = _names()
     statement = _set_function(names, changed=not citus_installed(connection))
     body = statement[statement.index("$body$") + len("$body$"):statement.rindex("$body$")]
-    current = connection.execute(text("SELECT prosrc FROM pg_catalog.pg_proc WHERE oid = CAST(:f AS regproc)"),
-                                 {"f": names.set}).scalar()
-    if current != body:
+    arguments = context.script.get_revision("0004_write_functions").module._FUNCTIONS["set"][0]
+    types = ", ".join(argument.split(" ", 1)[1] for argument in arguments.strip("()").split(", "))
+    current = connection.execute(text("SELECT p.prosrc FROM pg_catalog.pg_proc AS p"
+                                      " WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure(:f)"),
+                                 {"f": f"{names.set}({types})"}).first()
+    if current is not None and current.prosrc != body:
         run_ddl(connection, statement)
 
 
