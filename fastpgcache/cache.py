@@ -12,7 +12,19 @@ from sqlalchemy.engine import Engine
 
 from . import codec
 from .errors import CachePermissionError, CacheTimeoutError, check_positive_int, pool_timeout_error, sqlstate, translate
-from .execution import Executor, Steps, all_rows, answer, first_row, nothing, operation, returned_any, scalar, scalars
+from .execution import (
+    DECLINED,
+    Executor,
+    Steps,
+    all_rows,
+    answer,
+    first_row,
+    nothing,
+    operation,
+    returned_any,
+    scalar,
+    scalars,
+)
 from .expiry import NOTHING_DUE, ExpiryOnWrite
 from .failsafe import DATABASE_ERRORS, Failsafe
 from .identity import Identity
@@ -139,7 +151,35 @@ class BaseCache(Executor):
 
     # -- strings ---------------------------------------------------------------------
 
-    @operation(fallback=answer(False))
+    def _set_request(self, key, value, ttl, nx: bool, xx: bool) -> tuple:
+        # set's statement and params, the credential aside: shared by its steps and its call at once.
+        if nx and xx:
+            raise ValueError("nx and xx are mutually exclusive")
+        key = normalize_key(key)
+        flags, data = self._codec.serialize(value, key)
+        params = {"k": key, "val": codec.as_text(flags, data), "ttl": normalize_ttl(ttl), **self._cull}
+        return (self._s.set_nx if nx else self._s.set_xx if xx else self._s.set), params
+
+    def _set_at_once(self, key, value, ttl=None, *, nx: bool = False, xx: bool = False):
+        # set once the identity is known. A refusal (the role changed) wrote nothing: the steps then
+        # read the identity again and write.
+        identity = self._identity
+        if identity is None:
+            return DECLINED
+        statement, params = self._set_request(key, value, ttl, nx, xx)
+        params["credential"] = identity.credential
+        stored = self._execute(statement, params, scalar)
+        if stored is None:
+            self._identity = None
+            return DECLINED
+        if stored:
+            self._remember([params["k"]])
+            due = self._due(1)
+            if due is not NOTHING_DUE:
+                self._expire_due(due)
+        return stored
+
+    @operation(fallback=answer(False), at_once=_set_at_once)
     def set(self, key, value, ttl=None, *, nx: bool = False, xx: bool = False) -> Steps[bool]:
         """Store `value` under `key`, replacing any value and ttl; like Redis SET.
 
@@ -148,15 +188,10 @@ class BaseCache(Executor):
 
             cache.set("lock", "me", ttl=30, nx=True)   # True the first time, then False
         """
-        if nx and xx:
-            raise ValueError("nx and xx are mutually exclusive")
-        key = normalize_key(key)
-        flags, data = self._codec.serialize(value, key)
-        params = {"k": key, "val": codec.as_text(flags, data), "ttl": normalize_ttl(ttl), **self._cull}
-        stored = yield from self._call(self._s.set_nx if nx else self._s.set_xx if xx else self._s.set, params)
+        statement, params = self._set_request(key, value, ttl, nx, xx)
+        stored = yield from self._call(statement, params)
         if stored:
-            if self.guard is not None:
-                self.guard.remember([key])
+            self._remember([params["k"]])
             due = self._due(1)
             if due is not NOTHING_DUE:
                 yield from self._expire_on_write(due)
@@ -363,6 +398,11 @@ class BaseCache(Executor):
         # Expiry on write (expiry.py) counts Engine binds' writes only: in the caller's transaction a
         # failed batch would abort it, and Engine calls clean up for everyone.
         return self._expiry.due(writes) if self._leases is not None else NOTHING_DUE
+
+    @operation
+    def _expire_due(self, due) -> Steps[None]:
+        # Expiry on write after a write made at once (set's common case).
+        yield from self._expire_on_write(due)
 
     def _expire_on_write(self, due) -> Steps[None]:
         # The batches a write adds every N writes; their failure never fails the write itself.
