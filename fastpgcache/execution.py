@@ -57,7 +57,7 @@ class Operation(Protocol[P, R_co]):
 
 
 DECLINED = object()
-"""What an operation's `at_once` answers, before it has sent anything, to have the steps run instead."""
+"""What an operation's `at_once` answers to have the steps run instead: nothing is written by then."""
 
 
 @overload
@@ -84,8 +84,9 @@ def operation(steps=None, *, fallback=None, at_once=None):
     `at_once(cache, *args, **kwargs)`, where given, is the operation's common
     case as one plain call on the same executor, tried first: the generators
     cost a set about a twentieth of its time next to raw psycopg2
-    (benchmarks/floor_loop.py). It answers DECLINED, before it has sent
-    anything, when the steps must run. AsyncCache always runs the steps.
+    (benchmarks/floor_loop.py). It answers DECLINED when the steps must run,
+    before it has sent anything or after a statement that changed nothing (a
+    refused write). AsyncCache always runs the steps.
     """
     if steps is None:
         return functools.partial(operation, fallback=fallback, at_once=at_once)
