@@ -197,18 +197,13 @@ class BaseCache(Executor):
                 yield from self._expire_on_write(due)
         return stored
 
-    @operation(fallback=_default_argument)
-    def get(self, key, default=None, *, parse_json: bool = True) -> Steps[Any]:
-        """The value stored under `key`, or `default` when it is missing or expired.
-
-        `parse_json=False` returns a JSON value (dict, list, number) as its text::
-
-            cache.get("user:1", parse_json=False)   # '{"name":"Alice"}'
-        """
+    def _lookup(self, key) -> str | None:
+        # get's key, or None when the guard knows it is absent (then no round trip).
         key = normalize_key(key)
-        if self.guard is not None and self._guard_skips(key):
-            return default
-        row = yield self._s.get, {"k": key}, first_row
+        return None if self.guard is not None and self._guard_skips(key) else key
+
+    def _found(self, row, key: str, default, parse_json: bool):
+        # get's answer from the row it read (None: no live row).
         if row is None:
             self._lookups["misses"] += 1
             return default
@@ -218,6 +213,27 @@ class BaseCache(Executor):
             return default
         self._lookups["hits"] += 1
         return value
+
+    def _get_at_once(self, key, default=None, *, parse_json: bool = True):
+        # get without the step protocol: one read, which the executor itself retries on a lost connection.
+        wanted = self._lookup(key)
+        if wanted is None:
+            return default
+        return self._found(self._execute(self._s.get, {"k": wanted}, first_row), wanted, default, parse_json)
+
+    @operation(fallback=_default_argument, at_once=_get_at_once)
+    def get(self, key, default=None, *, parse_json: bool = True) -> Steps[Any]:
+        """The value stored under `key`, or `default` when it is missing or expired.
+
+        `parse_json=False` returns a JSON value (dict, list, number) as its text::
+
+            cache.get("user:1", parse_json=False)   # '{"name":"Alice"}'
+        """
+        wanted = self._lookup(key)
+        if wanted is None:
+            return default
+        row = yield self._s.get, {"k": wanted}, first_row
+        return self._found(row, wanted, default, parse_json)
 
     @operation(fallback=answer(False))
     def delete(self, key) -> Steps[bool]:
