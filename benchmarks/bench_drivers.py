@@ -30,16 +30,13 @@ import asyncio
 import json
 import statistics
 import time
-import uuid
 
 import psycopg
 import psycopg2
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import NullPool
 
-from fastpgcache import AsyncFastPgCache, FastPgCache, setup_cache
-from fastpgcache.bench import LAYOUTS, apply_layout, create_floor_table, floor_sql
+from fastpgcache import AsyncFastPgCache, FastPgCache
+from fastpgcache.bench import LAYOUTS, apply_layout, floor_sql, scratch_schema
 from fastpgcache.codec import JSON, as_text, decode_json, encode_json
 from fastpgcache.embedded import default_url
 from fastpgcache.execution import compile_for
@@ -286,90 +283,83 @@ def main() -> None:
     rounds, calls = (2, 100) if args.quick else (5, 400)
 
     url = make_url(args.url or default_url())
-    schema = f"bench_drivers_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(driver_url(url, "psycopg2"), poolclass=NullPool)
-    setup_cache(engine=admin, schema=schema)
-    with admin.begin() as connection:
-        table = create_floor_table(connection, schema)
-    loop = asyncio.new_event_loop()
-    closers = []
-    try:
-        lib2 = FastPgCache(url=driver_url(url, "psycopg2"), schema=schema, maxconn=1, use_cuckoo_filter=False,
-                           expire_every=None)
-        lib3 = FastPgCache(url=driver_url(url, "psycopg"), schema=schema, maxconn=1, use_cuckoo_filter=False,
-                           prepare_threshold=0, expire_every=None)
-        closers += [lib2.close, lib3.close]
-        lib2.set_many(dict.fromkeys(KEYS, VALUE))
-        floor_connection = psycopg2.connect(libpq_dsn(url))
-        floor_connection.autocommit = True
-        Floor(floor_connection, table).cursor.execute(
-            "INSERT INTO " + table + " (key, value, flags) SELECT k, %s, 2 FROM unnest(%s) AS k", (ENCODED, KEYS))
-        raw2 = psycopg2.connect(libpq_dsn(url))
-        raw2.autocommit = True
-        raw3 = psycopg.connect(libpq_dsn(url), autocommit=True)
-        closers += [floor_connection.close, raw2.close, raw3.close]
-        blocking = {
-            "psycopg2, plain table": Floor(floor_connection, table),
-            "psycopg2, library SQL": Replay(raw2.cursor(), library_sql(lib2, lib2.bind.dialect)),
-            "FastPgCache psycopg2": lib2,
-            "psycopg 3 prepared, library SQL": Replay(raw3.cursor(), library_sql(lib3, lib3.bind.dialect),
-                                                      prepare=True),
-            "FastPgCache psycopg 3 prepared": lib3,
-        }
-        async_ = {}
-
-        async def async_setup():
-            for driver, label in (("psycopg", "psycopg 3"), ("asyncpg", "asyncpg")):
-                client = AsyncFastPgCache(url=driver_url(url, driver), schema=schema, maxconn=1,
-                                          use_cuckoo_filter=False, prepare_threshold=0, expire_every=None)
-                await client.open()
-                closers.append(lambda client=client: loop.run_until_complete(client.close()))
-                sql = library_sql(lib2, client.bind.sync_engine.dialect)
-                if driver == "psycopg":
-                    connection = await psycopg.AsyncConnection.connect(libpq_dsn(url), autocommit=True)
-                    replay = AsyncReplayPsycopg(connection, sql)
-                else:
-                    import asyncpg
-
-                    connection = await asyncpg.connect(libpq_dsn(url))
-                    replay = AsyncReplayAsyncpg(connection, sql)
-                closers.append(lambda connection=connection: loop.run_until_complete(connection.close()))
-                async_[f"async {label}, library SQL"] = replay
-                async_[f"AsyncFastPgCache {label}"] = client
-
-        loop.run_until_complete(async_setup())
-        redis_blocking = redis_async = None
-        if args.redis:
-            import redis
-            import redis.asyncio
-
-            prefix = f"bench_drivers:{schema}:"
-            redis_blocking = redis.Redis.from_url(args.redis)
-            redis_blocking.mset({prefix + key: ENCODED for key in KEYS})
-            blocking["Redis (redis-py)"] = RedisBlocking(redis_blocking, prefix)
-            redis_async = redis.asyncio.Redis.from_url(args.redis)
-            async_["Redis (redis.asyncio)"] = RedisAsync(redis_async, prefix)
-        pinned = apply_layout(args.layout, admin, args.redis)
+    with scratch_schema(url, "bench_drivers") as (admin, schema, table):
+        loop = asyncio.new_event_loop()
+        closers = []
         try:
-            samples = run_rounds(blocking, async_, loop, rounds, calls, args.interleave)
-            p50 = summarise(samples)
-            negative = loop.run_until_complete(_async_negative_lookup(url, schema, calls))
-            tasks = loop.run_until_complete(_tasks(url, schema, args.redis, lib2, 2 * rounds + 1))
+            lib2 = FastPgCache(url=driver_url(url, "psycopg2"), schema=schema, maxconn=1, use_cuckoo_filter=False,
+                               expire_every=None)
+            lib3 = FastPgCache(url=driver_url(url, "psycopg"), schema=schema, maxconn=1, use_cuckoo_filter=False,
+                               prepare_threshold=0, expire_every=None)
+            closers += [lib2.close, lib3.close]
+            lib2.set_many(dict.fromkeys(KEYS, VALUE))
+            floor_connection = psycopg2.connect(libpq_dsn(url))
+            floor_connection.autocommit = True
+            Floor(floor_connection, table).cursor.execute(
+                "INSERT INTO " + table + " (key, value, flags) SELECT k, %s, 2 FROM unnest(%s) AS k", (ENCODED, KEYS))
+            raw2 = psycopg2.connect(libpq_dsn(url))
+            raw2.autocommit = True
+            raw3 = psycopg.connect(libpq_dsn(url), autocommit=True)
+            closers += [floor_connection.close, raw2.close, raw3.close]
+            blocking = {
+                "psycopg2, plain table": Floor(floor_connection, table),
+                "psycopg2, library SQL": Replay(raw2.cursor(), library_sql(lib2, lib2.bind.dialect)),
+                "FastPgCache psycopg2": lib2,
+                "psycopg 3 prepared, library SQL": Replay(raw3.cursor(), library_sql(lib3, lib3.bind.dialect),
+                                                          prepare=True),
+                "FastPgCache psycopg 3 prepared": lib3,
+            }
+            async_ = {}
+
+            async def async_setup():
+                for driver, label in (("psycopg", "psycopg 3"), ("asyncpg", "asyncpg")):
+                    client = AsyncFastPgCache(url=driver_url(url, driver), schema=schema, maxconn=1,
+                                              use_cuckoo_filter=False, prepare_threshold=0, expire_every=None)
+                    await client.open()
+                    closers.append(lambda client=client: loop.run_until_complete(client.close()))
+                    sql = library_sql(lib2, client.bind.sync_engine.dialect)
+                    if driver == "psycopg":
+                        connection = await psycopg.AsyncConnection.connect(libpq_dsn(url), autocommit=True)
+                        replay = AsyncReplayPsycopg(connection, sql)
+                    else:
+                        import asyncpg
+
+                        connection = await asyncpg.connect(libpq_dsn(url))
+                        replay = AsyncReplayAsyncpg(connection, sql)
+                    closers.append(lambda connection=connection: loop.run_until_complete(connection.close()))
+                    async_[f"async {label}, library SQL"] = replay
+                    async_[f"AsyncFastPgCache {label}"] = client
+
+            loop.run_until_complete(async_setup())
+            redis_blocking = redis_async = None
+            if args.redis:
+                import redis
+                import redis.asyncio
+
+                prefix = f"bench_drivers:{schema}:"
+                redis_blocking = redis.Redis.from_url(args.redis)
+                redis_blocking.mset({prefix + key: ENCODED for key in KEYS})
+                blocking["Redis (redis-py)"] = RedisBlocking(redis_blocking, prefix)
+                redis_async = redis.asyncio.Redis.from_url(args.redis)
+                async_["Redis (redis.asyncio)"] = RedisAsync(redis_async, prefix)
+            pinned = apply_layout(args.layout, admin, args.redis)
+            try:
+                samples = run_rounds(blocking, async_, loop, rounds, calls, args.interleave)
+                p50 = summarise(samples)
+                negative = loop.run_until_complete(_async_negative_lookup(url, schema, calls))
+                tasks = loop.run_until_complete(_tasks(url, schema, args.redis, lib2, 2 * rounds + 1))
+            finally:
+                pinned.undo()
+            _print(p50, negative, tasks, pinned.note, args, lib2.bind.dialect.server_version_info)
+            if args.json:
+                with open(args.json, "w") as handle:
+                    json.dump({"p50_us": p50, "async_negative_lookup_p50_us": negative, "tasks_ops_per_s": tasks,
+                               "layout": args.layout, "interleave": args.interleave, "note": pinned.note}, handle,
+                              indent=2)
         finally:
-            pinned.undo()
-        _print(p50, negative, tasks, pinned.note, args, lib2.bind.dialect.server_version_info)
-        if args.json:
-            with open(args.json, "w") as handle:
-                json.dump({"p50_us": p50, "async_negative_lookup_p50_us": negative, "tasks_ops_per_s": tasks,
-                           "layout": args.layout, "interleave": args.interleave, "note": pinned.note}, handle,
-                          indent=2)
-    finally:
-        for close in reversed(closers):
-            close()
-        loop.close()
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+            for close in reversed(closers):
+                close()
+            loop.close()
 
 
 async def _async_negative_lookup(url: URL, schema: str, calls: int) -> float:

@@ -85,31 +85,20 @@ def main() -> None:
 
     import shutil
 
-    from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from fastpgcache import setup_cache
-    from fastpgcache.bench.floors import create_floor_table
+    from fastpgcache.bench.floors import scratch_schema
     from fastpgcache.embedded import default_url
 
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     url = make_url(args.url or default_url()).set(drivername="postgresql+psycopg2")
-    admin = create_engine(url)
-    schema = f"instructions_{uuid.uuid4().hex[:8]}"
-    setup_cache(engine=admin, schema=schema)
-    with admin.begin() as connection:
-        floor_table = create_floor_table(connection, schema)
-    # The URL reaches the children through their environment, never their command line.
-    env = {**os.environ, "PYTHONHASHSEED": "0", "FPC_SCHEMA": schema, "FPC_FLOOR": floor_table,
-           "FPC_URL": url.set(drivername="postgresql").render_as_string(hide_password=False)}
-    try:
+    with scratch_schema(url, "instructions") as (_, schema, floor_table):
+        # The URL reaches the children through their environment, never their command line.
+        env = {**os.environ, "PYTHONHASHSEED": "0", "FPC_SCHEMA": schema, "FPC_FLOOR": floor_table,
+               "FPC_URL": url.set(drivername="postgresql").render_as_string(hide_password=False)}
         counts = {which: (instructions(which, LONG, env) - instructions(which, SHORT, env)) / (LONG - SHORT)
                   for which in CONTENDERS}
-    finally:
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
     print("client instructions per call (callgrind; the kernel and the server not counted)")
     for which, count in counts.items():
         floor = counts[which.replace("library", "floor").replace("replay", "floor")]

@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import uuid
 
 import psycopg2
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from fastpgcache import FastPgCache, setup_cache
+from fastpgcache import FastPgCache
 from fastpgcache.bench.contenders import Psycopg2Floor, sample_value
-from fastpgcache.bench.floors import capture_sql, create_floor_table, floor_sql
+from fastpgcache.bench.floors import capture_sql, floor_sql, scratch_schema
 from fastpgcache.bench.layout import LAYOUTS, apply_layout, local_backend
 from fastpgcache.embedded import default_url
 
@@ -119,22 +118,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     url = make_url(args.url or default_url()).set(drivername="postgresql+psycopg2")
-    admin = create_engine(url)
-    schema = f"floor_loop_{uuid.uuid4().hex[:8]}"
-    setup_cache(engine=admin, schema=schema)
-    with admin.begin() as connection:
-        floor_table = create_floor_table(connection, schema)
-    calls, opened = contenders(url, schema, floor_table)
-    pinned = apply_layout(args.layout, admin)
-    try:
-        results = measure(calls, server_clock(admin, schema), args.rounds)
-    finally:
-        pinned.undo()
-        for thing in opened:
-            thing.close()
-        with admin.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with scratch_schema(url, "floor_loop") as (admin, schema, floor_table):
+        calls, opened = contenders(url, schema, floor_table)
+        pinned = apply_layout(args.layout, admin)
+        try:
+            results = measure(calls, server_clock(admin, schema), args.rounds)
+        finally:
+            pinned.undo()
+            for thing in opened:
+                thing.close()
     print(f"{pinned.note}; {args.rounds} rounds of {len(KEYS)} calls; µs per call (CPU: client process, server"
           " backends)")
     for name, (wall, client, server) in results.items():

@@ -17,11 +17,11 @@ separates the client's cost from the server's::
 from __future__ import annotations
 
 from .contenders import Contender, sample_value
-from .floors import FLOOR_TABLE, capture_sql, create_floor_table, floor_sql
+from .floors import FLOOR_TABLE, capture_sql, create_floor_table, floor_sql, scratch_schema
 from .layout import LAYOUTS, Pinned, apply_layout, check_layout, pin_to_cpu
 from .report import FLOOR, LIB, LIB_SQL, Goal, Report, Result, format_table, plot, write_json
 from .run import Settings, _Scratch, run_bench  # noqa: F401  (_Scratch: the tests reach its cleanup)
 
 __all__ = ["FLOOR", "FLOOR_TABLE", "LAYOUTS", "LIB", "LIB_SQL", "Contender", "Goal", "Pinned", "Report", "Result",
            "Settings", "apply_layout", "capture_sql", "check_layout", "create_floor_table", "floor_sql",
-           "format_table", "pin_to_cpu", "plot", "run_bench", "sample_value", "write_json"]
+           "format_table", "pin_to_cpu", "plot", "run_bench", "sample_value", "scratch_schema", "write_json"]

@@ -1,10 +1,15 @@
 """The floors every ratio is measured against: plain SQL on a plain table, and the library's own SQL."""
 from __future__ import annotations
 
-from sqlalchemy import text
-from sqlalchemy.engine import URL, make_url
+import contextlib
+import uuid
+from collections.abc import Iterator
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import NullPool
 
+from ..admin import setup_cache
 from ..cache import Cache
 from ..client import cache_engine
 
@@ -49,6 +54,27 @@ def create_floor_table(connection, schema: str, logged: bool = False) -> str:
     if not logged:  # as the cache's own table (the model leaves persistence to the migrations)
         connection.execute(text(f"ALTER TABLE {qualified} SET UNLOGGED"))
     return qualified
+
+
+@contextlib.contextmanager
+def scratch_schema(url: URL, prefix: str) -> Iterator[tuple[Engine, str, str]]:
+    """A throwaway schema holding the cache's table and the floor's, dropped afterwards whatever happened:
+    (an admin Engine, the schema, the floor's qualified table). What the scripts in benchmarks/ measure in::
+
+        with scratch_schema(url, "floor_loop") as (admin, schema, floor_table):
+            ...
+    """
+    admin = create_engine(url.set(drivername="postgresql+psycopg2"), poolclass=NullPool)
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    try:
+        setup_cache(engine=admin, schema=schema)
+        with admin.begin() as connection:
+            floor_table = create_floor_table(connection, schema)
+        yield admin, schema, floor_table
+    finally:
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def capture_sql(url: URL, schema: str, table: str | None = None) -> dict:
