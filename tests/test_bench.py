@@ -370,3 +370,35 @@ def test_the_library_sql_contender_replays_the_library_s_prepared_statements(pg_
         assert replay.get("written") == [1, 2] and replay.get("missing") is None
     finally:
         replay.close()
+
+
+def test_a_raw_contender_can_run_on_the_library_s_own_connection(pg_url, schema):
+    # floor_loop.py --connections shared: the replay's PREPAREs meet the library's, already made there.
+    from sqlalchemy.engine import make_url
+
+    from fastpgcache import FastPgCache
+    from fastpgcache.bench.contenders import Psycopg2Floor
+
+    def refuse():
+        raise AssertionError("a contender given a connection must not open its own")
+
+    sql = bench.capture_sql(make_url(pg_url), schema)
+    replay = Psycopg2Floor(bench.LIB_SQL, refuse, sql, text_values=True)
+    with FastPgCache(url=pg_url, schema=schema, use_cuckoo_filter=False, maxconn=1) as cache:
+        cache.set("first", 1)
+        assert cache.incr("counted") == 1 and cache.get("first") == 1  # get, set and incr prepared here
+        lease = cache._leases.acquire()
+        try:
+            replay.use(lease.driver)
+            replay.set("replayed", {"n": 1})
+            assert replay.incr("counted") == 2 and replay.get("first") == 1
+            replay.use(lease.driver)  # the same connection again: nothing to redo
+            assert replay.get("replayed") == {"n": 1}
+            backend = lease.driver.get_backend_pid()
+        finally:
+            cache._leases.release(lease)
+        replay.close()  # closes only connections it opened: none
+        assert cache.get("replayed") == {"n": 1} and cache.incr("counted") == 3
+        lease = cache._leases.acquire()
+        assert lease.driver.get_backend_pid() == backend
+        cache._leases.release(lease)

@@ -85,10 +85,28 @@ class Psycopg2Floor(Contender):
             connection = self._connect()
             connection.autocommit = True
             self._all.append(connection)
-            local.cursor = connection.cursor()
-            for statement in self._sql.get("prepare", ()):
-                local.cursor.execute(statement)
+            self._start(connection)
         return local.cursor
+
+    def use(self, connection) -> None:
+        """Send this thread's calls on `connection`, someone else's (not closed here), from now on::
+
+            replay.use(driver_connection)   # floor_loop.py --connections shared: the cache's own
+        """
+        cursor = getattr(self._local, "cursor", None)
+        if cursor is None or cursor.connection is not connection:
+            self._start(connection)
+
+    def _start(self, connection) -> None:
+        # A cursor for this thread, after the statements to prepare on `connection` first.
+        from psycopg2.errors import DuplicatePreparedStatement
+
+        self._local.cursor = connection.cursor()
+        for statement in self._sql.get("prepare", ()):
+            try:
+                self._local.cursor.execute(statement)
+            except DuplicatePreparedStatement:  # a connection shared with the library: the same statement
+                pass
 
     def _value(self, value):
         data = _encode(value)
