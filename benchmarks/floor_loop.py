@@ -143,13 +143,18 @@ def server_clock(admin, schema: str, connections: str) -> dict:
     return {name: clock(pids) for name, pids in backends.items()}
 
 
+def contender_of(call: str) -> str:
+    # "set, guard off" -> "guard off": the key of `servers` and `blocks` for a call of `calls`.
+    return call.split(", ", 1)[1]
+
+
 def measure(calls: dict, servers: dict, rounds: int, blocks: dict) -> dict:
     """Per call, the median over `rounds` of (wall µs, client CPU µs, server CPU µs or None), the order
     rotating per round; each block inside `blocks[contender]()` where there is one (entered untimed)."""
     names = list(calls)
 
     def block(name: str):
-        return blocks.get(name.split(", ", 1)[1], contextlib.nullcontext)()
+        return blocks.get(contender_of(name), contextlib.nullcontext)()
 
     for name, call in calls.items():
         with block(name):
@@ -158,7 +163,7 @@ def measure(calls: dict, servers: dict, rounds: int, blocks: dict) -> dict:
     measured: dict[str, list[tuple]] = {name: [] for name in names}
     for round_ in range(rounds):
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            call, server = calls[name], servers.get(name.split(", ", 1)[1])
+            call, server = calls[name], servers.get(contender_of(name))
             with block(name):
                 server_before = server() if server else 0
                 cpu_before, started = time.process_time_ns(), time.perf_counter_ns()
